@@ -1,0 +1,15 @@
+//! fedsb-common: the library shared by the fedsb coordinator and clients. No networking lives here.
+//!
+//! Layout:
+//! - [`ops`]: the differentiable operations models are built from (swappable for faster kernels).
+//! - [`model`]: Llama and BERT models with adapter slots; loading from Hugging Face folders and GGUF.
+//! - [`adapter`]: LoRA-SB, LoRA and FFA-LoRA adapters; the LoRA-SB initialization; randomized SVD.
+//! - [`tensors`]: [`TensorSet`], named tensors as saved, hashed and sent.
+pub mod adapter;
+pub mod error;
+pub mod model;
+pub mod ops;
+pub mod tensors;
+
+pub use error::{Error, Result};
+pub use tensors::TensorSet;

@@ -1,0 +1,351 @@
+//! Loading pretrained models from a local Hugging Face folder (`config.json`, `*.safetensors`,
+//! `tokenizer.json`) or a GGUF file (dequantized to f32, tokenizer from the metadata).
+//!
+//! GGUF llama checkpoints store Q and K with their rows permuted for llama.cpp's interleaved RoPE; they are
+//! un-permuted here to the Hugging Face layout, so one RoPE ([`crate::ops::rope`]) serves every model and an
+//! exported adapter applies to the Hugging Face weights of the same model.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use super::config::{ArchConfig, LlamaConfig};
+use super::tokenizer::TextTokenizer;
+use super::weights::WeightMap;
+use super::{BertClassifier, BertModel, LlamaModel, Model};
+use crate::tensors::file_sha256;
+use crate::{Error, Result};
+
+/// The on-disk format a model came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelFormat {
+    /// A Hugging Face folder with safetensors weights.
+    HfFolder,
+    /// A GGUF file (dequantized on load).
+    Gguf,
+}
+
+/// Options for [`load_model`].
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Number of classes of the classification head (encoders only). Default 2.
+    pub num_labels: usize,
+    /// Seed of the classification head's init.
+    pub head_seed: u64,
+    /// A `tokenizer.json` to use instead of the model's own.
+    pub tokenizer: Option<PathBuf>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { num_labels: 2, head_seed: 0, tokenizer: None }
+    }
+}
+
+/// A loaded model with its tokenizer and where it came from.
+#[derive(Clone, Debug)]
+pub struct LoadedModel {
+    /// The model.
+    pub model: Model,
+    /// Its tokenizer.
+    pub tokenizer: TextTokenizer,
+    /// Its architecture.
+    pub arch: ArchConfig,
+    /// The folder or file given.
+    pub path: PathBuf,
+    /// The format.
+    pub format: ModelFormat,
+    /// The files holding the weights, sorted.
+    pub weight_files: Vec<PathBuf>,
+}
+
+impl LoadedModel {
+    /// SHA-256 identifying the base weights: of the file itself when there is one weight file, else of the
+    /// lines `"<file name> <sha256>\n"` of the sorted files. Clients and coordinator compare it.
+    pub fn weights_sha256(&self) -> Result<String> {
+        weights_sha256(&self.weight_files)
+    }
+}
+
+/// See [`LoadedModel::weights_sha256`].
+pub fn weights_sha256(files: &[PathBuf]) -> Result<String> {
+    match files {
+        [one] => file_sha256(one),
+        many => {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            for f in many {
+                let name = f.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+                h.update(format!("{name} {}\n", file_sha256(f)?).as_bytes());
+            }
+            Ok(hex::encode(h.finalize()))
+        }
+    }
+}
+
+/// Loads the model at `path`: a Hugging Face folder, a `.gguf` file, or a folder holding exactly one
+/// `.gguf` file. Llama-family configs give a causal LM; BERT configs a sequence classifier.
+pub fn load_model(path: &Path, device: &Device, opts: &LoadOptions) -> Result<LoadedModel> {
+    let (format, file) = resolve(path)?;
+    let (arch, mut weights, mut tokenizer, weight_files) = match format {
+        ModelFormat::HfFolder => load_hf(path, device)?,
+        ModelFormat::Gguf => load_gguf(&file, device)?,
+    };
+    if let Some(t) = &opts.tokenizer {
+        let dir = t.parent().unwrap_or(Path::new("."));
+        tokenizer = if t.file_name().is_some_and(|n| n == "tokenizer.json") {
+            TextTokenizer::from_hf_dir(dir)?
+        } else {
+            return Err(Error::Tokenizer(format!("{}: expected a path to a tokenizer.json", t.display())));
+        };
+    }
+    let model = match &arch {
+        ArchConfig::Llama(c) => Model::CausalLm(LlamaModel::load(c, &mut weights)?),
+        ArchConfig::Bert(c) => {
+            let enc = BertModel::load(c, &mut weights)?;
+            Model::Classifier(BertClassifier::new(enc, opts.num_labels, opts.head_seed)?)
+        }
+    };
+    let unused: Vec<String> = weights.remaining().into_iter().filter(|n| !ignorable(n)).collect();
+    if !unused.is_empty() {
+        tracing::debug!("{} checkpoint tensors unused: {:?}", unused.len(), &unused[..unused.len().min(8)]);
+    }
+    Ok(LoadedModel { model, tokenizer, arch, path: path.to_path_buf(), format, weight_files })
+}
+
+fn ignorable(name: &str) -> bool {
+    name.contains("pooler.") || name.ends_with("position_ids") || name.contains("rotary_emb.inv_freq")
+}
+
+fn resolve(path: &Path) -> Result<(ModelFormat, PathBuf)> {
+    if path.is_file() {
+        if path.extension().is_some_and(|e| e == "gguf") {
+            return Ok((ModelFormat::Gguf, path.to_path_buf()));
+        }
+        return Err(Error::Model(format!("{}: not a .gguf file; give a GGUF file or a Hugging Face folder", path.display())));
+    }
+    if !path.is_dir() {
+        return Err(Error::Model(format!("{}: no such file or folder", path.display())));
+    }
+    if path.join("config.json").is_file() {
+        return Ok((ModelFormat::HfFolder, path.to_path_buf()));
+    }
+    let ggufs: Vec<PathBuf> = list_dir(path)?.into_iter().filter(|p| p.extension().is_some_and(|e| e == "gguf")).collect();
+    match ggufs.as_slice() {
+        [one] => Ok((ModelFormat::Gguf, one.clone())),
+        [] => Err(Error::Model(format!("{}: holds neither config.json nor a .gguf file", path.display()))),
+        _ => Err(Error::Model(format!("{}: holds several .gguf files; name one", path.display()))),
+    }
+}
+
+fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+type Loaded = (ArchConfig, WeightMap, TextTokenizer, Vec<PathBuf>);
+
+fn load_hf(dir: &Path, device: &Device) -> Result<Loaded> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let arch = ArchConfig::from_hf_json(&text).map_err(|e| Error::Model(format!("{}: {e}", cfg_path.display())))?;
+    let files: Vec<PathBuf> = list_dir(dir)?.into_iter().filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
+    if files.is_empty() {
+        return Err(Error::Model(format!(
+            "{}: no *.safetensors weights (PyTorch .bin checkpoints are not supported)",
+            dir.display()
+        )));
+    }
+    let mut tensors = HashMap::new();
+    for f in &files {
+        let part = candle_core::safetensors::load(f, device).map_err(|e| Error::Model(format!("{}: {e}", f.display())))?;
+        tensors.extend(part);
+    }
+    let tokenizer = TextTokenizer::from_hf_dir(dir)?;
+    Ok((arch, WeightMap::new(tensors)?, tokenizer, files))
+}
+
+fn md_u64(ct: &gguf_file::Content, key: &str) -> Option<u64> {
+    use gguf_file::Value as V;
+    match ct.metadata.get(key)? {
+        V::U8(v) => Some(*v as u64),
+        V::I8(v) => u64::try_from(*v).ok(),
+        V::U16(v) => Some(*v as u64),
+        V::I16(v) => u64::try_from(*v).ok(),
+        V::U32(v) => Some(*v as u64),
+        V::I32(v) => u64::try_from(*v).ok(),
+        V::U64(v) => Some(*v),
+        V::I64(v) => u64::try_from(*v).ok(),
+        _ => None,
+    }
+}
+
+fn md_f64(ct: &gguf_file::Content, key: &str) -> Option<f64> {
+    use gguf_file::Value as V;
+    match ct.metadata.get(key)? {
+        V::F32(v) => Some(*v as f64),
+        V::F64(v) => Some(*v),
+        _ => md_u64(ct, key).map(|v| v as f64),
+    }
+}
+
+/// The Llama configuration described by GGUF metadata.
+pub fn llama_config_from_gguf(ct: &gguf_file::Content) -> Result<LlamaConfig> {
+    let arch = ct
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or_else(|| Error::Model("GGUF metadata lacks general.architecture".into()))?;
+    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
+        return Err(Error::Model(format!("GGUF architecture `{arch}` is not supported (llama, mistral, qwen2)")));
+    }
+    let req = |k: &str| md_u64(ct, &format!("{arch}.{k}")).map(|v| v as usize).ok_or_else(|| Error::Model(format!("GGUF metadata lacks {arch}.{k}")));
+    let hidden = req("embedding_length")?;
+    let heads = req("attention.head_count")?;
+    let head_dim = md_u64(ct, &format!("{arch}.attention.key_length")).map(|v| v as usize).unwrap_or(hidden / heads.max(1));
+    let vocab = match md_u64(ct, &format!("{arch}.vocab_size")) {
+        Some(v) => v as usize,
+        None => ct
+            .metadata
+            .get("tokenizer.ggml.tokens")
+            .and_then(|v| v.to_vec().ok())
+            .map(|v| v.len())
+            .ok_or_else(|| Error::Model("GGUF metadata gives no vocabulary size".into()))?,
+    };
+    let cfg = LlamaConfig {
+        model_type: arch.clone(),
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: req("feed_forward_length")?,
+        num_hidden_layers: req("block_count")?,
+        num_attention_heads: heads,
+        num_key_value_heads: md_u64(ct, &format!("{arch}.attention.head_count_kv")).map(|v| v as usize).unwrap_or(heads),
+        head_dim,
+        rms_norm_eps: md_f64(ct, &format!("{arch}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+        rope_theta: md_f64(ct, &format!("{arch}.rope.freq_base")).unwrap_or(10_000.0),
+        rope_scaling: None,
+        max_position_embeddings: req("context_length").unwrap_or(4096),
+        tie_word_embeddings: !ct.tensor_infos.contains_key("output.weight"),
+        attention_bias: ct.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        bos_token_id: md_u64(ct, "tokenizer.ggml.bos_token_id").map(|v| v as u32),
+        eos_token_ids: md_u64(ct, "tokenizer.ggml.eos_token_id").map(|v| vec![v as u32]).unwrap_or_default(),
+        pad_token_id: md_u64(ct, "tokenizer.ggml.padding_token_id").map(|v| v as u32),
+    };
+    if ct.tensor_infos.contains_key("rope_freqs.weight") {
+        return Err(Error::Model(
+            "GGUF with rope_freqs (Llama 3.1 RoPE scaling) is not supported; use the Hugging Face folder".into(),
+        ));
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Undoes llama.cpp's Q/K row permutation (`convert_hf_to_gguf.py`, `LlamaModel.permute`) for `heads` heads:
+/// rows grouped per head as `[d/2 pairs, 2]` become `[2, d/2]` (Hugging Face's rotate-half layout).
+pub fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let rows = dims[0];
+    let cols: usize = dims[1..].iter().product::<usize>().max(1);
+    if heads == 0 || rows % (2 * heads) != 0 {
+        return Err(Error::tensor("attn_q/attn_k", format!("{rows} rows cannot be split into {heads} heads of pairs")));
+    }
+    let t = w.reshape((heads, rows / heads / 2, 2, cols))?.transpose(1, 2)?.contiguous()?;
+    Ok(t.reshape(dims)?)
+}
+
+fn hf_name(gguf: &str) -> Option<String> {
+    Some(match gguf {
+        "token_embd.weight" => "model.embed_tokens.weight".into(),
+        "output_norm.weight" => "model.norm.weight".into(),
+        "output.weight" => "lm_head.weight".into(),
+        _ => {
+            let rest = gguf.strip_prefix("blk.")?;
+            let (layer, rest) = rest.split_once('.')?;
+            let (kind, param) = rest.split_once('.')?;
+            let sub = match kind {
+                "attn_norm" => "input_layernorm",
+                "ffn_norm" => "post_attention_layernorm",
+                "attn_q" => "self_attn.q_proj",
+                "attn_k" => "self_attn.k_proj",
+                "attn_v" => "self_attn.v_proj",
+                "attn_output" => "self_attn.o_proj",
+                "ffn_gate" => "mlp.gate_proj",
+                "ffn_up" => "mlp.up_proj",
+                "ffn_down" => "mlp.down_proj",
+                _ => return None,
+            };
+            format!("model.layers.{layer}.{sub}.{param}")
+        }
+    })
+}
+
+fn load_gguf(file: &Path, device: &Device) -> Result<Loaded> {
+    let mut f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+    let ct = gguf_file::Content::read(&mut f).map_err(|e| Error::Model(format!("{}: {e}", file.display())))?;
+    let cfg = llama_config_from_gguf(&ct).map_err(|e| Error::Model(format!("{}: {e}", file.display())))?;
+    let permuted = matches!(cfg.model_type.as_str(), "llama" | "mistral");
+    let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
+    names.sort();
+    let mut tensors = HashMap::new();
+    for name in names {
+        let Some(hf) = hf_name(name) else {
+            tracing::debug!("GGUF tensor {name} not used");
+            continue;
+        };
+        let q = ct.tensor(&mut f, name, device).map_err(|e| Error::Model(format!("{}: tensor {name}: {e}", file.display())))?;
+        let mut t = q.dequantize(device)?;
+        if permuted && name.contains(".attn_q.") {
+            t = unpermute_qk(&t, cfg.num_attention_heads)?;
+        } else if permuted && name.contains(".attn_k.") {
+            t = unpermute_qk(&t, cfg.num_key_value_heads)?;
+        }
+        tensors.insert(hf, t);
+    }
+    let tokenizer = TextTokenizer::from_gguf(&ct)?;
+    Ok((ArchConfig::Llama(cfg), WeightMap::new(tensors)?, tokenizer, vec![file.to_path_buf()]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        let dev = Device::Cpu;
+        let (heads, hd, cols) = (3, 4, 5);
+        let w = Tensor::arange(0f32, (heads * hd * cols) as f32, &dev).unwrap().reshape((heads * hd, cols)).unwrap();
+        // llama.cpp: w.reshape(n_head, 2, rows//n_head//2, cols).swapaxes(1, 2).reshape(rows, cols)
+        let permuted = w.reshape((heads, 2, hd / 2, cols)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((heads * hd, cols)).unwrap();
+        let back = unpermute_qk(&permuted, heads).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+        assert!(unpermute_qk(&w, 5).is_err());
+    }
+
+    #[test]
+    fn gguf_names_map_to_hf() {
+        assert_eq!(hf_name("blk.3.attn_q.weight").unwrap(), "model.layers.3.self_attn.q_proj.weight");
+        assert_eq!(hf_name("blk.0.ffn_down.weight").unwrap(), "model.layers.0.mlp.down_proj.weight");
+        assert_eq!(hf_name("blk.1.attn_k.bias").unwrap(), "model.layers.1.self_attn.k_proj.bias");
+        assert!(hf_name("rope_freqs.weight").is_none());
+    }
+
+    #[test]
+    fn missing_paths_are_clear_errors() {
+        let e = resolve(Path::new("/nonexistent/model")).unwrap_err().to_string();
+        assert!(e.contains("no such file"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let e = resolve(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("neither config.json"), "{e}");
+        std::fs::write(dir.path().join("config.json"), r#"{"model_type":"bert"}"#).unwrap();
+        let e = load_model(dir.path(), &Device::Cpu, &LoadOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("vocab_size"), "{e}");
+    }
+}

@@ -1,0 +1,181 @@
+//! Pretrained transformers with adapter slots: a Llama-architecture causal LM and a BERT sequence
+//! classifier, loaded from a Hugging Face folder or a GGUF file ([`load`]).
+//!
+//! [`Model`] is what the trainer, the LoRA-SB init and the exporter see: a set of [`AdaptedLinear`]
+//! layers with stable module paths, plus (for classification) a trainable head.
+pub mod bert;
+pub mod config;
+pub mod llama;
+pub mod load;
+pub mod tokenizer;
+pub mod weights;
+
+use candle_core::{Device, Var};
+
+use crate::adapter::{AdaptedLinear, AdapterConfig};
+use crate::tensors::TensorSet;
+use crate::{Error, Result};
+
+pub use bert::{BertClassifier, BertModel};
+pub use config::{ArchConfig, BertConfig, LlamaConfig};
+pub use llama::{KvCache, LlamaModel};
+pub use load::{LoadOptions, LoadedModel, ModelFormat, load_model};
+pub use tokenizer::{ChatMessage, TextTokenizer};
+
+/// What a model is trained for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskKind {
+    /// Next-token prediction (on response tokens for prompt/response data).
+    CausalLm,
+    /// Text or text-pair classification.
+    Classification,
+}
+
+/// A pretrained model ready to take adapters.
+#[derive(Clone, Debug)]
+pub enum Model {
+    /// A Llama-architecture causal LM.
+    CausalLm(LlamaModel),
+    /// A BERT encoder with a classification head.
+    Classifier(BertClassifier),
+}
+
+impl Model {
+    /// The task this model serves.
+    pub fn task(&self) -> TaskKind {
+        match self {
+            Model::CausalLm(_) => TaskKind::CausalLm,
+            Model::Classifier(_) => TaskKind::Classification,
+        }
+    }
+
+    /// The device holding the weights.
+    pub fn device(&self) -> &Device {
+        match self {
+            Model::CausalLm(m) => m.device(),
+            Model::Classifier(m) => m.encoder.device(),
+        }
+    }
+
+    /// The adapter target kinds this architecture has (`q,k,v,o,gate,up,down` or BERT's six).
+    pub fn target_kinds(&self) -> &'static [&'static str] {
+        match self {
+            Model::CausalLm(_) => llama::LLAMA_TARGETS,
+            Model::Classifier(_) => bert::BERT_TARGETS,
+        }
+    }
+
+    /// Every linear layer, in layer order.
+    pub fn linears(&self) -> Vec<&AdaptedLinear> {
+        match self {
+            Model::CausalLm(m) => m.linears(),
+            Model::Classifier(m) => m.encoder.linears(),
+        }
+    }
+
+    /// Every linear layer, mutably.
+    pub fn linears_mut(&mut self) -> Vec<&mut AdaptedLinear> {
+        match self {
+            Model::CausalLm(m) => m.linears_mut(),
+            Model::Classifier(m) => m.encoder.linears_mut(),
+        }
+    }
+
+    /// The linear layers `cfg` targets.
+    pub fn targeted(&self, cfg: &AdapterConfig) -> Result<Vec<&AdaptedLinear>> {
+        let kinds = cfg.resolve_targets(self.target_kinds())?;
+        Ok(self.linears().into_iter().filter(|l| kinds.contains(&l.kind())).collect())
+    }
+
+    /// Attaches adapters of `cfg` to every targeted layer (see [`AdaptedLinear::attach`]); returns how many
+    /// layers were adapted. On error no layer is changed.
+    pub fn attach_adapters(&mut self, cfg: &AdapterConfig, init: Option<&TensorSet>) -> Result<usize> {
+        let kinds = cfg.resolve_targets(self.target_kinds())?;
+        let mut staged: Vec<AdaptedLinear> = Vec::new();
+        for l in self.linears() {
+            if kinds.contains(&l.kind()) {
+                let mut c = l.clone();
+                c.attach(cfg, init)?;
+                staged.push(c);
+            }
+        }
+        let n = staged.len();
+        let mut it = staged.into_iter();
+        for l in self.linears_mut() {
+            if kinds.contains(&l.kind())
+                && let Some(c) = it.next()
+            {
+                *l = c;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Removes every adapter.
+    pub fn detach_adapters(&mut self) {
+        for l in self.linears_mut() {
+            l.detach();
+        }
+    }
+
+    /// The classification head's variables (empty for a causal LM).
+    pub fn head(&self) -> Vec<(String, Var)> {
+        match self {
+            Model::CausalLm(_) => vec![],
+            Model::Classifier(c) => c.head(),
+        }
+    }
+
+    /// Every trainable tensor by stable name: adapter tensors, then the head.
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        let mut v: Vec<(String, Var)> = self.linears().iter().flat_map(|l| l.trainable()).collect();
+        v.extend(self.head());
+        v
+    }
+
+    /// Number of trainable scalars.
+    pub fn num_trainable(&self) -> usize {
+        self.trainable().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Every adapter tensor (frozen and trained) and the head, by stable name, copied.
+    pub fn adapter_tensors(&self) -> Result<TensorSet> {
+        let mut s = TensorSet::new();
+        for l in self.linears() {
+            l.adapter_tensors(&mut s)?;
+        }
+        for (n, v) in self.head() {
+            s.insert(n, v.as_tensor().copy()?);
+        }
+        Ok(s)
+    }
+
+    /// The trained tensors only (what a Fed-SB client sends: the R matrices and the head).
+    pub fn trainable_tensors(&self) -> Result<TensorSet> {
+        let mut s = TensorSet::new();
+        for (n, v) in self.trainable() {
+            s.insert(n, v.as_tensor().copy()?);
+        }
+        Ok(s)
+    }
+
+    /// Sets every trainable tensor from `set` (e.g. a global adapter). All names must be present with the
+    /// right shapes and finite values; on error nothing changes.
+    pub fn load_trainable(&self, set: &TensorSet) -> Result<()> {
+        let vars = self.trainable();
+        let mut staged = Vec::with_capacity(vars.len());
+        for (name, var) in &vars {
+            let t = set.require(name)?;
+            if t.dims() != var.dims() {
+                return Err(Error::tensor(name, format!("shape {:?}, expected {:?}", t.dims(), var.dims())));
+            }
+            crate::adapter::linear::check_finite(name, t)?;
+            staged.push((var, t.to_device(var.device())?.to_dtype(candle_core::DType::F32)?));
+        }
+        for (var, t) in staged {
+            var.set(&t)?;
+        }
+        Ok(())
+    }
+}
