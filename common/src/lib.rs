@@ -7,9 +7,11 @@
 //! - [`tensors`]: [`TensorSet`], named tensors as saved, hashed and sent.
 pub mod adapter;
 pub mod error;
+pub mod export;
 pub mod model;
 pub mod ops;
 pub mod tensors;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use tensors::TensorSet;

@@ -1,0 +1,67 @@
+//! Local training: data and batches ([`data`]), the loss of a batch, the training loop with AdamW and a
+//! learning-rate schedule ([`trainer`]), evaluation ([`eval`]) and greedy decoding ([`generate`]).
+pub mod data;
+pub mod eval;
+pub mod generate;
+pub mod schedule;
+pub mod trainer;
+
+use candle_core::{D, Tensor};
+
+use crate::model::Model;
+use crate::model::bert::mean_pool;
+use crate::model::llama::cross_entropy;
+use crate::{Error, Result};
+use data::{Batch, BatchTarget};
+
+pub use data::{Dataset, Encoded, Encoder, Example};
+pub use schedule::{LrSchedule, ScheduleKind};
+pub use trainer::{StepReport, TrainConfig, TrainSummary, train};
+
+/// The loss of one batch.
+#[derive(Debug)]
+pub struct LossOut {
+    /// Mean loss over the batch's predictions (a scalar tensor, differentiable).
+    pub loss: Tensor,
+    /// Number of predictions the mean is over (rows for classification, labelled tokens for LM).
+    pub count: usize,
+    /// Correct predictions (classification only).
+    pub correct: Option<usize>,
+}
+
+/// Mean cross-entropy of `model` on `batch` (response tokens for causal LMs, classes for classifiers).
+pub fn batch_loss(model: &Model, batch: &Batch) -> Result<LossOut> {
+    match (model, &batch.target) {
+        (Model::CausalLm(m), BatchTarget::NextTokens(labels)) => {
+            let (loss, count) = m.lm_loss(&batch.ids, Some(&batch.mask), labels)?;
+            Ok(LossOut {
+                loss,
+                count,
+                correct: None,
+            })
+        }
+        (Model::Classifier(c), BatchTarget::Classes(y)) => {
+            let num_labels = c.num_labels() as u32;
+            let ys = y.to_vec1::<u32>()?;
+            if let Some(bad) = ys.iter().find(|l| **l >= num_labels) {
+                return Err(Error::Data(format!(
+                    "label {bad} but the classifier has {num_labels} classes"
+                )));
+            }
+            let h = c
+                .encoder
+                .forward(&batch.ids, Some(&batch.type_ids), Some(&batch.mask))?;
+            let logits = c.head_logits(&mean_pool(&h, Some(&batch.mask))?)?;
+            let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+            let correct = pred.iter().zip(&ys).filter(|(p, y)| p == y).count();
+            Ok(LossOut {
+                loss: cross_entropy(&logits, y)?,
+                count: ys.len(),
+                correct: Some(correct),
+            })
+        }
+        _ => Err(Error::Data(
+            "the batch's targets do not match the model's task".into(),
+        )),
+    }
+}
