@@ -18,8 +18,7 @@ impl Assets {
     }
     /// SmolLM2-135M-Instruct, a GGUF file.
     pub fn smollm_gguf(&self) -> PathBuf {
-        self.root
-            .join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+        self.root.join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
     }
     /// A dataset file under `data/`.
     pub fn data(&self, rel: &str) -> PathBuf {
@@ -31,9 +30,7 @@ impl Assets {
 pub fn assets_root() -> PathBuf {
     match std::env::var_os("FEDSB_ASSETS") {
         Some(p) => PathBuf::from(p),
-        None => {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/fedsb/assets")
-        }
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/fedsb/assets"),
     }
 }
 
@@ -47,10 +44,7 @@ pub fn assets() -> Option<Assets> {
     if present {
         return Some(a);
     }
-    let msg = format!(
-        "real-model assets missing under {} (run scripts/fetch-assets.sh)",
-        a.root.display()
-    );
+    let msg = format!("real-model assets missing under {} (run scripts/fetch-assets.sh)", a.root.display());
     if std::env::var("FEDSB_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
         panic!("{msg}; FEDSB_REQUIRE_ASSETS=1 makes this a failure");
     }
@@ -66,11 +60,7 @@ pub fn rel_max_diff(a: &candle_core::Tensor, reference: &candle_core::Tensor) ->
         .and_then(|d| d.max_all())
         .and_then(|d| d.to_scalar::<f32>())
         .expect("diff");
-    let m = reference
-        .abs()
-        .and_then(|d| d.max_all())
-        .and_then(|d| d.to_scalar::<f32>())
-        .expect("max");
+    let m = reference.abs().and_then(|d| d.max_all()).and_then(|d| d.to_scalar::<f32>()).expect("max");
     d / m.max(f32::MIN_POSITIVE)
 }
 

@@ -62,16 +62,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
     /// A tensor error for `name`.
     pub fn tensor(name: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Tensor {
-            name: name.into(),
-            msg: msg.into(),
-        }
+        Error::Tensor { name: name.into(), msg: msg.into() }
     }
 }

@@ -7,9 +7,7 @@
 //!
 //! Frozen weights never get a gradient: [`linear`] computes only the input gradient, which halves the
 //! backward GEMM work of a LoRA step compared with candle's `matmul` (that always computes both sides).
-use candle_core::{
-    CpuStorage, CustomOp2, D, DType, Layout, Shape, Tensor, backend::BackendStorage,
-};
+use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Shape, Tensor, backend::BackendStorage};
 
 use crate::Result;
 
@@ -75,9 +73,7 @@ impl CustomOp2 for FrozenMatmul {
 /// for it). `x` is `[..., in]`; the result is `[..., out]`. Works on any device and dtype.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims();
-    let in_dim = *dims
-        .last()
-        .ok_or_else(|| crate::Error::tensor("x", "scalar input to a linear layer"))?;
+    let in_dim = *dims.last().ok_or_else(|| crate::Error::tensor("x", "scalar input to a linear layer"))?;
     let (out_dim, w_in) = w.dims2()?;
     if w_in != in_dim {
         return Err(crate::Error::tensor(
@@ -87,11 +83,7 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
     let rows = x.elem_count() / in_dim.max(1);
     let x2 = x.contiguous()?.reshape((rows, in_dim))?;
-    let y = if x.device().is_metal() {
-        x2.matmul(&w.t()?)?
-    } else {
-        x2.apply_op2(w, FrozenMatmul)?
-    };
+    let y = if x.device().is_metal() { x2.matmul(&w.t()?)? } else { x2.apply_op2(w, FrozenMatmul)? };
     let mut out_shape = dims[..dims.len() - 1].to_vec();
     out_shape.push(out_dim);
     Ok(y.reshape(out_shape)?)
@@ -142,28 +134,16 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// GGUF llama checkpoints are converted to this layout on load (their Q/K rows are un-permuted), so
 /// one layout serves every model and exported adapters apply to the Hugging Face weights unchanged.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::rotary_emb::rope_slow(
-        &x.contiguous()?,
-        cos,
-        sin,
-    )?)
+    Ok(candle_nn::rotary_emb::rope_slow(&x.contiguous()?, cos, sin)?)
 }
 
 /// Scaled dot-product attention. `q` is `[b, h, t, d]`, `k`/`v` are `[b, h_kv, s, d]` (grouped-query
 /// attention when `h_kv < h`); `mask` is additive, broadcastable to `[b, h, t, s]`.
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    scale: f64,
-) -> Result<Tensor> {
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
     let (_, h_kv, s, _) = k.dims4()?;
     if h % h_kv != 0 {
-        return Err(crate::Error::Model(format!(
-            "{h} query heads are not a multiple of {h_kv} kv heads"
-        )));
+        return Err(crate::Error::Model(format!("{h} query heads are not a multiple of {h_kv} kv heads")));
     }
     let groups = h / h_kv;
     // Grouped-query attention: fold the query heads of one kv head into the sequence axis, so no copy of
@@ -222,16 +202,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn maxdiff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }
 
     #[test]
@@ -243,9 +214,7 @@ mod tests {
         let y_ref = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
         assert!(maxdiff(&y, &y_ref) < 1e-5);
         let g = (y.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
-        let g_ref = (y_ref.sqr().unwrap().sum_all().unwrap())
-            .backward()
-            .unwrap();
+        let g_ref = (y_ref.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
         let gx = g.get(x.as_tensor()).unwrap();
         assert!(maxdiff(gx, g_ref.get(x.as_tensor()).unwrap()) < 1e-4);
         assert!(g.get(&w).is_none());
@@ -270,25 +239,15 @@ mod tests {
         let k = Tensor::randn(0f32, 1., (b, hkv, t, d), &dev).unwrap();
         let v = Tensor::randn(0f32, 1., (b, hkv, t, d), &dev).unwrap();
         let keymask = Tensor::new(&[[1u32, 1, 1, 0, 0], [1, 1, 1, 1, 1]], &dev).unwrap();
-        let mask = attention_mask(Some(&keymask), b, t, t, true, 0, &dev)
-            .unwrap()
-            .unwrap();
+        let mask = attention_mask(Some(&keymask), b, t, t, true, 0, &dev).unwrap().unwrap();
         let out = attention(&q, &k, &v, Some(&mask), 0.5).unwrap();
         // Reference: repeat each kv head for its group of query heads.
         let rep = |x: &Tensor| {
             let (b, hk, s, d) = x.dims4().unwrap();
-            x.unsqueeze(2)
-                .unwrap()
-                .expand((b, hk, h / hk, s, d))
-                .unwrap()
-                .reshape((b, h, s, d))
-                .unwrap()
+            x.unsqueeze(2).unwrap().expand((b, hk, h / hk, s, d)).unwrap().reshape((b, h, s, d)).unwrap()
         };
         let (k2, v2) = (rep(&k), rep(&v));
-        let sc = (q.matmul(&k2.t().unwrap()).unwrap() * 0.5)
-            .unwrap()
-            .broadcast_add(&mask)
-            .unwrap();
+        let sc = (q.matmul(&k2.t().unwrap()).unwrap() * 0.5).unwrap().broadcast_add(&mask).unwrap();
         let p = candle_nn::ops::softmax(&sc, D::Minus1).unwrap();
         let out_ref = p.matmul(&v2).unwrap();
         assert!(maxdiff(&out, &out_ref) < 1e-5);
@@ -299,9 +258,7 @@ mod tests {
         let dev = Device::Cpu;
         let q = Tensor::randn(0f32, 1., (1, 1, 2, 4), &dev).unwrap();
         let keymask = Tensor::new(&[[0u32, 0]], &dev).unwrap();
-        let mask = attention_mask(Some(&keymask), 1, 2, 2, false, 0, &dev)
-            .unwrap()
-            .unwrap();
+        let mask = attention_mask(Some(&keymask), 1, 2, 2, false, 0, &dev).unwrap().unwrap();
         let out = attention(&q, &q, &q, Some(&mask), 1.0).unwrap();
         let v: Vec<f32> = out.flatten_all().unwrap().to_vec1().unwrap();
         assert!(v.iter().all(|x| x.is_finite()));

@@ -37,9 +37,7 @@ impl TensorSet {
 
     /// The tensor called `name`, or an error naming it.
     pub fn require(&self, name: &str) -> Result<&Tensor> {
-        self.tensors
-            .get(name)
-            .ok_or_else(|| Error::tensor(name, "missing"))
+        self.tensors.get(name).ok_or_else(|| Error::tensor(name, "missing"))
     }
 
     /// Removes and returns the tensor called `name`.
@@ -105,11 +103,8 @@ impl TensorSet {
         for (name, t) in &self.tensors {
             data.push((name.clone(), t.to_device(&Device::Cpu)?.contiguous()?));
         }
-        let meta: std::collections::HashMap<String, String> = self
-            .metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let meta: std::collections::HashMap<String, String> =
+            self.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let views: Vec<(&str, &Tensor)> = data.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let bytes = safetensors::serialize(views, Some(meta))
             .map_err(|e| Error::tensor(path.display().to_string(), e.to_string()))?;
@@ -120,9 +115,7 @@ impl TensorSet {
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         Self::from_safetensors_bytes(&bytes, device).map_err(|e| match e {
-            Error::Tensor { name, msg } => {
-                Error::tensor(name, format!("{msg} (in {})", path.display()))
-            }
+            Error::Tensor { name, msg } => Error::tensor(name, format!("{msg} (in {})", path.display())),
             other => other,
         })
     }
@@ -131,14 +124,9 @@ impl TensorSet {
     pub fn from_safetensors_bytes(bytes: &[u8], device: &Device) -> Result<Self> {
         let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
             .map_err(|e| Error::tensor("<safetensors>", e.to_string()))?;
-        let metadata = header
-            .metadata()
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
-        let st = safetensors::SafeTensors::deserialize(bytes)
-            .map_err(|e| Error::tensor("<safetensors>", e.to_string()))?;
+        let metadata = header.metadata().clone().unwrap_or_default().into_iter().collect();
+        let st =
+            safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::tensor("<safetensors>", e.to_string()))?;
         let mut tensors = BTreeMap::new();
         for (name, view) in st.tensors() {
             let t = candle_core::safetensors::Load::load(&view, device)?;
@@ -149,10 +137,7 @@ impl TensorSet {
 
     /// A copy with every tensor converted to `dtype`.
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
-        let mut out = Self {
-            tensors: BTreeMap::new(),
-            metadata: self.metadata.clone(),
-        };
+        let mut out = Self { tensors: BTreeMap::new(), metadata: self.metadata.clone() };
         for (n, t) in &self.tensors {
             out.tensors.insert(n.clone(), t.to_dtype(dtype)?);
         }
@@ -162,10 +147,7 @@ impl TensorSet {
 
 impl FromIterator<(String, Tensor)> for TensorSet {
     fn from_iter<I: IntoIterator<Item = (String, Tensor)>>(iter: I) -> Self {
-        Self {
-            tensors: iter.into_iter().collect(),
-            metadata: BTreeMap::new(),
-        }
+        Self { tensors: iter.into_iter().collect(), metadata: BTreeMap::new() }
     }
 }
 
@@ -173,42 +155,15 @@ impl FromIterator<(String, Tensor)> for TensorSet {
 pub fn tensor_le_bytes(t: &Tensor) -> Result<Vec<u8>> {
     let t = t.to_device(&Device::Cpu)?.flatten_all()?;
     Ok(match t.dtype() {
-        DType::F32 => t
-            .to_vec1::<f32>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::F64 => t
-            .to_vec1::<f64>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::BF16 => t
-            .to_vec1::<half::bf16>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::F16 => t
-            .to_vec1::<half::f16>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::U32 => t
-            .to_vec1::<u32>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::I64 => t
-            .to_vec1::<i64>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
+        DType::F32 => t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F64 => t.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::BF16 => t.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F16 => t.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::U32 => t.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::I64 => t.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
         DType::U8 => t.to_vec1::<u8>()?,
         other => {
-            return Err(Error::tensor(
-                "<hash>",
-                format!("unsupported dtype {other:?}"),
-            ));
+            return Err(Error::tensor("<hash>", format!("unsupported dtype {other:?}")));
         }
     })
 }
@@ -255,14 +210,8 @@ mod tests {
         s.save(&p).unwrap();
         let l = TensorSet::load(&p, &dev).unwrap();
         assert_eq!(l.content_hash().unwrap(), s.content_hash().unwrap());
-        assert_eq!(
-            l.metadata().get("kind").map(String::as_str),
-            Some("lora-sb")
-        );
-        assert_eq!(
-            l.names().cloned().collect::<Vec<_>>(),
-            vec!["a.weight", "b.weight"]
-        );
+        assert_eq!(l.metadata().get("kind").map(String::as_str), Some("lora-sb"));
+        assert_eq!(l.names().cloned().collect::<Vec<_>>(), vec!["a.weight", "b.weight"]);
     }
 
     #[test]
@@ -271,24 +220,15 @@ mod tests {
         let mut s = TensorSet::new();
         s.insert("x", Tensor::new(&[1f32, 2., 3.], &dev).unwrap());
         let h1 = s.content_hash().unwrap();
-        s.insert(
-            "x",
-            Tensor::new(&[1f32, 2., f32::from_bits(3f32.to_bits() ^ 1)], &dev).unwrap(),
-        );
+        s.insert("x", Tensor::new(&[1f32, 2., f32::from_bits(3f32.to_bits() ^ 1)], &dev).unwrap());
         assert_ne!(h1, s.content_hash().unwrap());
         let mut r = TensorSet::new();
         r.insert("y", Tensor::new(&[1f32, 2., 3.], &dev).unwrap());
-        assert_ne!(
-            h1,
-            r.content_hash().unwrap(),
-            "the name is part of the hash"
-        );
+        assert_ne!(h1, r.content_hash().unwrap(), "the name is part of the hash");
     }
 
     #[test]
     fn garbage_is_an_error() {
-        assert!(
-            TensorSet::from_safetensors_bytes(b"not a safetensors file", &Device::Cpu).is_err()
-        );
+        assert!(TensorSet::from_safetensors_bytes(b"not a safetensors file", &Device::Cpu).is_err());
     }
 }

@@ -81,11 +81,8 @@ pub fn estimate_gradients(
         l.track_weight_grad(kinds.contains(&l.kind()))?;
     }
     let result = (|| -> Result<Vec<(String, Tensor)>> {
-        let tracked: Vec<(String, candle_core::Var)> = model
-            .linears()
-            .iter()
-            .filter_map(|l| l.weight_var().map(|v| (l.name().to_string(), v.clone())))
-            .collect();
+        let tracked: Vec<(String, candle_core::Var)> =
+            model.linears().iter().filter_map(|l| l.weight_var().map(|v| (l.name().to_string(), v.clone()))).collect();
         let mut sums: Vec<Option<Tensor>> = vec![None; tracked.len()];
         for chunk in order[..n].chunks(cfg.batch_size.max(1)) {
             let items: Vec<&Encoded> = chunk.iter().map(|&i| &data[i]).collect();
@@ -94,20 +91,16 @@ pub fn estimate_gradients(
             let loss = (out.loss * (chunk.len() as f64 / n as f64))?;
             let grads = loss.backward()?;
             for (slot, (name, var)) in sums.iter_mut().zip(&tracked) {
-                let g = grads.get(var.as_tensor()).ok_or_else(|| {
-                    Error::Numerics(format!("no gradient reached `{name}.weight`"))
-                })?;
+                let g = grads
+                    .get(var.as_tensor())
+                    .ok_or_else(|| Error::Numerics(format!("no gradient reached `{name}.weight`")))?;
                 *slot = Some(match slot.take() {
                     None => g.clone(),
                     Some(p) => (p + g)?,
                 });
             }
         }
-        Ok(tracked
-            .into_iter()
-            .zip(sums)
-            .map(|((n, _), s)| (n, s.expect("at least one batch")))
-            .collect())
+        Ok(tracked.into_iter().zip(sums).map(|((n, _), s)| (n, s.expect("at least one batch"))).collect())
     })();
     for l in model.linears_mut() {
         l.track_weight_grad(false)?;
@@ -126,23 +119,14 @@ pub fn factor_update(
     let (rows, cols) = grad.dims2()?;
     let r = adapter.rank;
     if r > rows.min(cols) {
-        return Err(Error::Adapter(format!(
-            "rank {r} exceeds the smaller side of `{name}` ({rows}×{cols})"
-        )));
+        return Err(Error::Adapter(format!("rank {r} exceeds the smaller side of `{name}` ({rows}×{cols})")));
     }
     let delta = (grad.sign()? * (-cfg.eta))?.to_dtype(DType::F32)?;
     let data: Vec<f32> = delta.flatten_all()?.to_vec1()?;
     if data.iter().any(|v| !v.is_finite()) {
-        return Err(Error::Numerics(format!(
-            "the gradient of `{name}` is not finite"
-        )));
+        return Err(Error::Numerics(format!("the gradient of `{name}` is not finite")));
     }
-    let svd_cfg = RsvdConfig {
-        rank: r,
-        oversample: cfg.oversample,
-        power_iters: cfg.power_iters,
-        seed: cfg.seed,
-    };
+    let svd_cfg = RsvdConfig { rank: r, oversample: cfg.oversample, power_iters: cfg.power_iters, seed: cfg.seed };
     let svd = randomized_svd(&data, rows, cols, &svd_cfg)?;
     let dev = grad.device();
     let b = Tensor::from_vec(svd.u, (rows, r), dev)?;
@@ -167,16 +151,10 @@ pub fn lora_sb_init(
     on_layer: &mut dyn FnMut(usize, usize),
 ) -> Result<(TensorSet, InitReport)> {
     if adapter.kind != AdapterKind::LoraSb {
-        return Err(Error::Adapter(format!(
-            "the LoRA-SB init does not apply to {}",
-            adapter.kind
-        )));
+        return Err(Error::Adapter(format!("the LoRA-SB init does not apply to {}", adapter.kind)));
     }
     if !(cfg.eta.is_finite() && cfg.eta > 0.0) {
-        return Err(Error::Config(format!(
-            "init step size η must be positive, got {}",
-            cfg.eta
-        )));
+        return Err(Error::Config(format!("init step size η must be positive, got {}", cfg.eta)));
     }
     let t0 = Instant::now();
     let grads = estimate_gradients(model, adapter, data, cfg, pad_id)?;
@@ -196,9 +174,7 @@ pub fn lora_sb_init(
         for (k, t) in factor_update(&name, &g, adapter, cfg)? {
             set.insert(k, t);
         }
-        report
-            .per_layer
-            .push((name, rows, cols, ts.elapsed().as_secs_f64() * 1e3));
+        report.per_layer.push((name, rows, cols, ts.elapsed().as_secs_f64() * 1e3));
         on_layer(i + 1, total);
     }
     report.svd_seconds = t1.elapsed().as_secs_f64();
@@ -223,30 +199,14 @@ mod tests {
         (0..6u32)
             .map(|i| {
                 let ids: Vec<u32> = (0..8).map(|j| (i * 7 + j * 3) % 61).collect();
-                let labels = ids
-                    .iter()
-                    .skip(1)
-                    .map(|&x| x as i64)
-                    .chain([-100])
-                    .collect();
-                Encoded {
-                    type_ids: vec![0; 8],
-                    ids,
-                    target: Target::NextTokens(labels),
-                }
+                let labels = ids.iter().skip(1).map(|&x| x as i64).chain([-100]).collect();
+                Encoded { type_ids: vec![0; 8], ids, target: Target::NextTokens(labels) }
             })
             .collect()
     }
 
     fn cfg() -> InitConfig {
-        InitConfig {
-            samples: 4,
-            batch_size: 2,
-            eta: 1e-3,
-            oversample: 4,
-            power_iters: 4,
-            seed: 7,
-        }
+        InitConfig { samples: 4, batch_size: 2, eta: 1e-3, oversample: 4, power_iters: 4, seed: 7 }
     }
 
     #[test]
@@ -257,8 +217,7 @@ mod tests {
         let data = lm_data();
         let grads = estimate_gradients(&mut model, &adapter, &data, &cfg(), 0).unwrap();
         assert_eq!(grads.len(), 2 * 3);
-        let (set, report) =
-            lora_sb_init(&mut model, &adapter, &data, &cfg(), 0, &mut |_, _| {}).unwrap();
+        let (set, report) = lora_sb_init(&mut model, &adapter, &data, &cfg(), 0, &mut |_, _| {}).unwrap();
         assert_eq!(report.layers, 6);
         assert_eq!(set.len(), 18);
         for l in model.linears() {
@@ -273,28 +232,13 @@ mod tests {
             let btb = b.t().unwrap().matmul(b).unwrap();
             let eye = Tensor::eye(4, DType::F32, &dev).unwrap();
             for m in [&ata, &btb] {
-                let d = (m - &eye)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let d = (m - &eye).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 assert!(d < 1e-4, "{name}: not orthonormal ({d})");
             }
             // B·R·A is (close to) the best rank-4 approximation of −η·sign(G).
             let delta = (g.sign().unwrap() * -1e-3).unwrap();
             let approx = b.matmul(r).unwrap().matmul(a).unwrap();
-            let err = (&delta - &approx)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .sqrt();
+            let err = (&delta - &approx).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
             let data: Vec<f32> = delta.flatten_all().unwrap().to_vec1().unwrap();
             let (rows, cols) = delta.dims2().unwrap();
             let exact = super::super::svd::exact_svd(&data, rows, cols, 4).unwrap();
@@ -302,32 +246,15 @@ mod tests {
                 let u = Tensor::from_vec(exact.u, (rows, 4), &dev).unwrap();
                 let s = Tensor::from_vec(exact.s, 4, &dev).unwrap();
                 let vt = Tensor::from_vec(exact.vt, (4, cols), &dev).unwrap();
-                let best = u
-                    .broadcast_mul(&s.unsqueeze(0).unwrap())
-                    .unwrap()
-                    .matmul(&vt)
-                    .unwrap();
-                (&delta - best)
-                    .unwrap()
-                    .sqr()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    .sqrt()
+                let best = u.broadcast_mul(&s.unsqueeze(0).unwrap()).unwrap().matmul(&vt).unwrap();
+                (&delta - best).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt()
             };
-            assert!(
-                err <= opt * 1.02 + 1e-7,
-                "{name}: error {err} vs optimal {opt}"
-            );
+            assert!(err <= opt * 1.02 + 1e-7, "{name}: error {err} vs optimal {opt}");
         }
         // The init attaches and is deterministic.
         model.attach_adapters(&adapter, Some(&set)).unwrap();
-        let mut model2 =
-            Model::CausalLm(LlamaModel::random(&LlamaConfig::tiny(), 3, &dev).unwrap());
-        let (set2, _) =
-            lora_sb_init(&mut model2, &adapter, &data, &cfg(), 0, &mut |_, _| {}).unwrap();
+        let mut model2 = Model::CausalLm(LlamaModel::random(&LlamaConfig::tiny(), 3, &dev).unwrap());
+        let (set2, _) = lora_sb_init(&mut model2, &adapter, &data, &cfg(), 0, &mut |_, _| {}).unwrap();
         assert_eq!(set.content_hash().unwrap(), set2.content_hash().unwrap());
     }
 

@@ -60,51 +60,25 @@ fn fnv1a(s: &str) -> u64 {
 
 /// PEFT's LoRA `A` init: Kaiming-uniform with `a = √5`, i.e. U(−1/√d_in, 1/√d_in), drawn from a stream
 /// seeded by `seed` and the module name (so every client that shares the seed gets the same `A`).
-pub fn kaiming_uniform_a(
-    name: &str,
-    rank: usize,
-    d_in: usize,
-    seed: u64,
-    device: &Device,
-) -> Result<Tensor> {
+pub fn kaiming_uniform_a(name: &str, rank: usize, d_in: usize, seed: u64, device: &Device) -> Result<Tensor> {
     let bound = 1.0 / (d_in as f32).sqrt();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ fnv1a(name));
-    let data: Vec<f32> = (0..rank * d_in)
-        .map(|_| rng.random_range(-bound..bound))
-        .collect();
+    let data: Vec<f32> = (0..rank * d_in).map(|_| rng.random_range(-bound..bound)).collect();
     Ok(Tensor::from_vec(data, (rank, d_in), device)?)
 }
 
 impl AdaptedLinear {
     /// A frozen layer with no adapter. `name` is its module path (e.g. `model.layers.0.self_attn.q_proj`),
     /// `kind` its target name (`q`).
-    pub fn new(
-        name: impl Into<String>,
-        kind: &'static str,
-        w0: Tensor,
-        bias: Option<Tensor>,
-    ) -> Result<Self> {
+    pub fn new(name: impl Into<String>, kind: &'static str, w0: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let name = name.into();
-        let (d_out, _) = w0
-            .dims2()
-            .map_err(|_| Error::tensor(format!("{name}.weight"), "must be 2-D"))?;
+        let (d_out, _) = w0.dims2().map_err(|_| Error::tensor(format!("{name}.weight"), "must be 2-D"))?;
         if let Some(b) = &bias
             && b.dims() != [d_out]
         {
-            return Err(Error::tensor(
-                format!("{name}.bias"),
-                format!("shape {:?}, expected [{d_out}]", b.dims()),
-            ));
+            return Err(Error::tensor(format!("{name}.bias"), format!("shape {:?}, expected [{d_out}]", b.dims())));
         }
-        Ok(Self {
-            name,
-            kind,
-            w0,
-            bias,
-            adapter: None,
-            scale: 1.0,
-            weight_var: None,
-        })
+        Ok(Self { name, kind, w0, bias, adapter: None, scale: 1.0, weight_var: None })
     }
 
     /// The module path.
@@ -178,11 +152,7 @@ impl AdaptedLinear {
                         self.name
                     )));
                 };
-                Adapter::LoraSb {
-                    a,
-                    b,
-                    r: Var::from_tensor(&rm)?,
-                }
+                Adapter::LoraSb { a, b, r: Var::from_tensor(&rm)? }
             }
             AdapterKind::Lora => {
                 let a = match get("lora_A.weight", (r, d_in))? {
@@ -193,10 +163,7 @@ impl AdaptedLinear {
                     Some(b) => b,
                     None => Tensor::zeros((d_out, r), DType::F32, &dev)?,
                 };
-                Adapter::Lora {
-                    a: Var::from_tensor(&a)?,
-                    b: Var::from_tensor(&b)?,
-                }
+                Adapter::Lora { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)? }
             }
             AdapterKind::FfaLora => {
                 let a = match get("lora_A.weight", (r, d_in))? {
@@ -207,10 +174,7 @@ impl AdaptedLinear {
                     Some(b) => b,
                     None => Tensor::zeros((d_out, r), DType::F32, &dev)?,
                 };
-                Adapter::FfaLora {
-                    a,
-                    b: Var::from_tensor(&b)?,
-                }
+                Adapter::FfaLora { a, b: Var::from_tensor(&b)? }
             }
         };
         self.adapter = Some(adapter);
@@ -226,11 +190,7 @@ impl AdaptedLinear {
     /// While `on`, `W0` is a trainable variable so that the full-weight gradient `∂L/∂W0` can be read (the
     /// LoRA-SB init needs it). Off by default; turning it off restores the frozen weight.
     pub fn track_weight_grad(&mut self, on: bool) -> Result<()> {
-        self.weight_var = if on {
-            Some(Var::from_tensor(&self.w0)?)
-        } else {
-            None
-        };
+        self.weight_var = if on { Some(Var::from_tensor(&self.w0)?) } else { None };
         Ok(())
     }
 
@@ -267,11 +227,7 @@ impl AdaptedLinear {
                 h.broadcast_matmul(&b.as_tensor().t()?)?
             }
         };
-        let side = if self.scale == 1.0 {
-            side
-        } else {
-            (side * self.scale)?
-        };
+        let side = if self.scale == 1.0 { side } else { (side * self.scale)? };
         Ok((base + side)?)
     }
 
@@ -282,10 +238,7 @@ impl AdaptedLinear {
             None => vec![],
             Some(Adapter::LoraSb { r, .. }) => vec![(format!("{n}.lora_R.weight"), r.clone())],
             Some(Adapter::Lora { a, b }) => {
-                vec![
-                    (format!("{n}.lora_A.weight"), a.clone()),
-                    (format!("{n}.lora_B.weight"), b.clone()),
-                ]
+                vec![(format!("{n}.lora_A.weight"), a.clone()), (format!("{n}.lora_B.weight"), b.clone())]
             }
             Some(Adapter::FfaLora { b, .. }) => vec![(format!("{n}.lora_B.weight"), b.clone())],
         }
@@ -321,10 +274,7 @@ impl AdaptedLinear {
         for (name, var) in &vars {
             let t = set.require(name)?;
             if t.dims() != var.dims() {
-                return Err(Error::tensor(
-                    name,
-                    format!("shape {:?}, expected {:?}", t.dims(), var.dims()),
-                ));
+                return Err(Error::tensor(name, format!("shape {:?}, expected {:?}", t.dims(), var.dims())));
             }
             check_finite(name, t)?;
             staged.push((var, t.to_device(var.device())?.to_dtype(DType::F32)?));
@@ -370,32 +320,14 @@ mod tests {
     use super::*;
 
     fn maxdiff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }
 
     fn lora_sb_init(name: &str, d_out: usize, d_in: usize, r: usize, dev: &Device) -> TensorSet {
         let mut s = TensorSet::new();
-        s.insert(
-            format!("{name}.lora_A.weight"),
-            Tensor::randn(0f32, 1., (r, d_in), dev).unwrap(),
-        );
-        s.insert(
-            format!("{name}.lora_B.weight"),
-            Tensor::randn(0f32, 1., (d_out, r), dev).unwrap(),
-        );
-        s.insert(
-            format!("{name}.lora_R.weight"),
-            Tensor::randn(0f32, 1., (r, r), dev).unwrap(),
-        );
+        s.insert(format!("{name}.lora_A.weight"), Tensor::randn(0f32, 1., (r, d_in), dev).unwrap());
+        s.insert(format!("{name}.lora_B.weight"), Tensor::randn(0f32, 1., (d_out, r), dev).unwrap());
+        s.insert(format!("{name}.lora_R.weight"), Tensor::randn(0f32, 1., (r, r), dev).unwrap());
         s
     }
 
@@ -415,17 +347,12 @@ mod tests {
             // Make B nonzero for LoRA kinds so the side path matters.
             for (n, v) in l.trainable() {
                 if n.ends_with("lora_B.weight") {
-                    v.set(&Tensor::randn(0f32, 1., v.dims(), &dev).unwrap())
-                        .unwrap();
+                    v.set(&Tensor::randn(0f32, 1., v.dims(), &dev).unwrap()).unwrap();
                 }
             }
             let y = l.forward(&x).unwrap();
             let merged = (&w0 + l.delta_weight().unwrap().unwrap()).unwrap();
-            let y_ref = x
-                .broadcast_matmul(&merged.t().unwrap())
-                .unwrap()
-                .broadcast_add(&bias)
-                .unwrap();
+            let y_ref = x.broadcast_matmul(&merged.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
             assert!(maxdiff(&y, &y_ref) < 1e-4, "{kind}");
         }
     }
@@ -435,33 +362,14 @@ mod tests {
         let dev = Device::Cpu;
         let w0 = Tensor::randn(0f32, 1., (4, 3), &dev).unwrap();
         let mut l = AdaptedLinear::new("m.v", "v", w0, None).unwrap();
-        l.attach(
-            &AdapterConfig::new(AdapterKind::LoraSb, 2, &["v"]),
-            Some(&lora_sb_init("m.v", 4, 3, 2, &dev)),
-        )
-        .unwrap();
-        let x = Var::randn(0f32, 1., (5, 3), &dev).unwrap();
-        let g = l
-            .forward(x.as_tensor())
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
+        l.attach(&AdapterConfig::new(AdapterKind::LoraSb, 2, &["v"]), Some(&lora_sb_init("m.v", 4, 3, 2, &dev)))
             .unwrap();
+        let x = Var::randn(0f32, 1., (5, 3), &dev).unwrap();
+        let g = l.forward(x.as_tensor()).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
         let (name, r) = &l.trainable()[0];
         assert_eq!(name, "m.v.lora_R.weight");
         let gr = g.get(r.as_tensor()).expect("R has a gradient");
-        assert!(
-            gr.abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                > 0.0
-        );
+        assert!(gr.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
         assert!(g.get(x.as_tensor()).is_some());
         assert!(g.get(l.weight()).is_none());
     }
@@ -471,18 +379,9 @@ mod tests {
         let dev = Device::Cpu;
         let w0 = Tensor::randn(0f32, 1., (4, 3), &dev).unwrap();
         let mut l = AdaptedLinear::new("m.k", "k", w0.clone(), None).unwrap();
-        l.attach(&AdapterConfig::new(AdapterKind::Lora, 2, &["k"]), None)
-            .unwrap();
+        l.attach(&AdapterConfig::new(AdapterKind::Lora, 2, &["k"]), None).unwrap();
         let d = l.delta_weight().unwrap().unwrap();
-        assert_eq!(
-            d.abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap(),
-            0.0
-        );
+        assert_eq!(d.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
         let mut f1 = AdaptedLinear::new("m.k", "k", w0.clone(), None).unwrap();
         let mut f2 = AdaptedLinear::new("m.k", "k", w0, None).unwrap();
         let cfg = AdapterConfig::new(AdapterKind::FfaLora, 2, &["k"]);
@@ -504,19 +403,12 @@ mod tests {
         assert!(l.attach(&cfg, None).is_err());
         let wrong = lora_sb_init("m.q", 4, 3, 3, &dev); // rank 3 tensors for a rank-2 config
         assert!(l.attach(&cfg, Some(&wrong)).is_err());
-        l.attach(&cfg, Some(&lora_sb_init("m.q", 4, 3, 2, &dev)))
-            .unwrap();
+        l.attach(&cfg, Some(&lora_sb_init("m.q", 4, 3, 2, &dev))).unwrap();
         let before = l.trainable()[0].1.as_tensor().copy().unwrap();
         let mut bad = TensorSet::new();
-        bad.insert(
-            "m.q.lora_R.weight",
-            Tensor::new(&[[f32::NAN, 0.], [0., 0.]], &dev).unwrap(),
-        );
+        bad.insert("m.q.lora_R.weight", Tensor::new(&[[f32::NAN, 0.], [0., 0.]], &dev).unwrap());
         assert!(l.load_trainable(&bad).is_err());
-        bad.insert(
-            "m.q.lora_R.weight",
-            Tensor::zeros((3, 3), DType::F32, &dev).unwrap(),
-        );
+        bad.insert("m.q.lora_R.weight", Tensor::zeros((3, 3), DType::F32, &dev).unwrap());
         assert!(l.load_trainable(&bad).is_err());
         assert_eq!(maxdiff(&before, l.trainable()[0].1.as_tensor()), 0.0);
     }

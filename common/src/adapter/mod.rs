@@ -47,9 +47,7 @@ impl std::str::FromStr for AdapterKind {
             "lora-sb" | "lorasb" | "sb" => Ok(AdapterKind::LoraSb),
             "lora" => Ok(AdapterKind::Lora),
             "ffa-lora" | "ffa" => Ok(AdapterKind::FfaLora),
-            other => Err(Error::Adapter(format!(
-                "unknown adapter `{other}` (expected lora-sb, lora or ffa-lora)"
-            ))),
+            other => Err(Error::Adapter(format!("unknown adapter `{other}` (expected lora-sb, lora or ffa-lora)"))),
         }
     }
 }
@@ -79,13 +77,7 @@ pub struct AdapterConfig {
 impl AdapterConfig {
     /// A config with `alpha = rank` and seed 42.
     pub fn new(kind: AdapterKind, rank: usize, targets: &[&str]) -> Self {
-        Self {
-            kind,
-            rank,
-            alpha: rank as f64,
-            targets: targets.iter().map(|s| s.to_string()).collect(),
-            seed: 42,
-        }
+        Self { kind, rank, alpha: rank as f64, targets: targets.iter().map(|s| s.to_string()).collect(), seed: 42 }
     }
 
     /// The scale `alpha / rank` applied to the adapter path.
@@ -100,10 +92,7 @@ impl AdapterConfig {
             return Err(Error::Adapter("rank must be at least 1".into()));
         }
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
-            return Err(Error::Adapter(format!(
-                "alpha must be positive and finite, got {}",
-                self.alpha
-            )));
+            return Err(Error::Adapter(format!("alpha must be positive and finite, got {}", self.alpha)));
         }
         if self.targets.is_empty() {
             return Err(Error::Adapter("no target modules given".into()));
@@ -128,11 +117,7 @@ impl AdapterConfig {
             }
         }
         let mut seen = std::collections::HashSet::new();
-        let mut ordered: Vec<&'static str> = model_kinds
-            .iter()
-            .copied()
-            .filter(|k| out.contains(k))
-            .collect();
+        let mut ordered: Vec<&'static str> = model_kinds.iter().copied().filter(|k| out.contains(k)).collect();
         ordered.retain(|k| seen.insert(*k));
         Ok(ordered)
     }
@@ -140,10 +125,7 @@ impl AdapterConfig {
 
 /// Parses a comma-separated target list (`q,k,v` or `query,value`).
 pub fn parse_targets(s: &str) -> Vec<String> {
-    s.split(',')
-        .map(|x| x.trim().to_string())
-        .filter(|x| !x.is_empty())
-        .collect()
+    s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect()
 }
 
 #[cfg(test)]
@@ -162,20 +144,10 @@ mod tests {
 
     #[test]
     fn bad_targets_and_ranks_are_refused() {
-        let e = AdapterConfig::new(AdapterKind::LoraSb, 8, &["query"])
-            .resolve_targets(LLAMA)
-            .unwrap_err();
+        let e = AdapterConfig::new(AdapterKind::LoraSb, 8, &["query"]).resolve_targets(LLAMA).unwrap_err();
         assert!(e.to_string().contains("valid: q, k"), "{e}");
-        assert!(
-            AdapterConfig::new(AdapterKind::LoraSb, 0, &["q"])
-                .resolve_targets(LLAMA)
-                .is_err()
-        );
-        assert!(
-            AdapterConfig::new(AdapterKind::LoraSb, 4, &[])
-                .resolve_targets(LLAMA)
-                .is_err()
-        );
+        assert!(AdapterConfig::new(AdapterKind::LoraSb, 0, &["q"]).resolve_targets(LLAMA).is_err());
+        assert!(AdapterConfig::new(AdapterKind::LoraSb, 4, &[]).resolve_targets(LLAMA).is_err());
         assert!("nope".parse::<AdapterKind>().is_err());
         assert_eq!("ffa".parse::<AdapterKind>().unwrap(), AdapterKind::FfaLora);
     }

@@ -27,9 +27,7 @@ use faer::linalg::householder::{
     apply_block_householder_sequence_on_the_left_in_place_with_conj,
 };
 use faer::linalg::matmul::matmul;
-use faer::linalg::qr::no_pivoting::factor::{
-    qr_in_place, qr_in_place_scratch, recommended_block_size,
-};
+use faer::linalg::qr::no_pivoting::factor::{qr_in_place, qr_in_place_scratch, recommended_block_size};
 use faer::linalg::svd::{ComputeSvdVectors, svd as faer_svd, svd_scratch};
 use faer::{Accum, Conj, Mat, MatRef, Par};
 use rand::rngs::StdRng;
@@ -65,12 +63,7 @@ pub struct RsvdConfig {
 impl RsvdConfig {
     /// Config for `rank` triplets with the defaults: oversample 8, 4 power iterations, seed 42.
     pub fn new(rank: usize) -> Self {
-        Self {
-            rank,
-            oversample: default_oversample(),
-            power_iters: default_power_iters(),
-            seed: default_seed(),
-        }
+        Self { rank, oversample: default_oversample(), power_iters: default_power_iters(), seed: default_seed() }
     }
 }
 
@@ -131,11 +124,7 @@ pub enum SvdError {
 /// Checks shape, rank and finiteness of the input.
 fn validate(data: &[f32], rows: usize, cols: usize, rank: usize) -> Result<(), SvdError> {
     if rows.checked_mul(cols) != Some(data.len()) {
-        return Err(SvdError::Shape {
-            len: data.len(),
-            rows,
-            cols,
-        });
+        return Err(SvdError::Shape { len: data.len(), rows, cols });
     }
     if rank == 0 || rank > rows.min(cols) {
         return Err(SvdError::Rank { rank, rows, cols });
@@ -170,13 +159,7 @@ fn orthonormalize(mut y: Mat<f32>, par: Par) -> Mat<f32> {
     let req = qr_in_place_scratch::<f32>(m, n, bs, par, Default::default())
         .or(apply_block_householder_sequence_on_the_left_in_place_scratch::<f32>(m, bs, n));
     let mut mem = MemBuffer::new(req);
-    qr_in_place(
-        y.as_mut(),
-        coeff.as_mut(),
-        par,
-        MemStack::new(&mut mem),
-        Default::default(),
-    );
+    qr_in_place(y.as_mut(), coeff.as_mut(), par, MemStack::new(&mut mem), Default::default());
     let mut q = Mat::<f32>::identity(m, n);
     apply_block_householder_sequence_on_the_left_in_place_with_conj(
         y.as_ref(),
@@ -199,44 +182,18 @@ fn thin_svd(b: MatRef<'_, f32>, par: Par) -> Result<Factors, SvdError> {
     let (mut u, mut v) = (Mat::<f32>::zeros(m, k), Mat::<f32>::zeros(n, k));
     let mut s = Diag::<f32>::zeros(k);
     let thin = ComputeSvdVectors::Thin;
-    let mut mem = MemBuffer::new(svd_scratch::<f32>(
-        m,
-        n,
-        thin,
-        thin,
-        par,
-        Default::default(),
-    ));
-    faer_svd(
-        b,
-        s.as_mut(),
-        Some(u.as_mut()),
-        Some(v.as_mut()),
-        par,
-        MemStack::new(&mut mem),
-        Default::default(),
-    )
-    .map_err(|e| SvdError::Factorization(format!("faer svd: {e:?}")))?;
+    let mut mem = MemBuffer::new(svd_scratch::<f32>(m, n, thin, thin, par, Default::default()));
+    faer_svd(b, s.as_mut(), Some(u.as_mut()), Some(v.as_mut()), par, MemStack::new(&mut mem), Default::default())
+        .map_err(|e| SvdError::Factorization(format!("faer svd: {e:?}")))?;
     Ok((u, s.column_vector().iter().copied().collect(), v))
 }
 
 /// Packs `M ≈ U·diag(s)·Vᵀ` (`U`: rows × r, `V`: cols × r, both column-major faer matrices) into
 /// row-major output with the canonical sign convention.
-fn pack(
-    u: MatRef<'_, f32>,
-    s: &[f32],
-    v: MatRef<'_, f32>,
-    rank: usize,
-) -> Result<TruncatedSvd, SvdError> {
+fn pack(u: MatRef<'_, f32>, s: &[f32], v: MatRef<'_, f32>, rank: usize) -> Result<TruncatedSvd, SvdError> {
     let (rows, cols) = (u.nrows(), v.nrows());
-    let mut out = TruncatedSvd {
-        rows,
-        cols,
-        rank,
-        u: vec![0.0; rows * rank],
-        s: s[..rank].to_vec(),
-        vt: vec![0.0; rank * cols],
-    };
+    let mut out =
+        TruncatedSvd { rows, cols, rank, u: vec![0.0; rows * rank], s: s[..rank].to_vec(), vt: vec![0.0; rank * cols] };
     for k in 0..rank {
         let mut best = (0usize, 0.0f32);
         for i in 0..rows {
@@ -252,16 +209,8 @@ fn pack(
             out.vt[k * cols + j] = sign * v[(j, k)];
         }
     }
-    if out
-        .u
-        .iter()
-        .chain(&out.s)
-        .chain(&out.vt)
-        .any(|x| !x.is_finite())
-    {
-        return Err(SvdError::Factorization(
-            "non-finite result (overflow in f32?)".into(),
-        ));
+    if out.u.iter().chain(&out.s).chain(&out.vt).any(|x| !x.is_finite()) {
+        return Err(SvdError::Factorization("non-finite result (overflow in f32?)".into()));
     }
     Ok(out)
 }
@@ -272,12 +221,7 @@ fn pack(
 /// `max(rows, cols) × (rank + oversample)`. The products with the matrix use all rayon threads
 /// (`Par::rayon(0)`); QR and the small SVD run sequentially, so the output is bit-identical for
 /// any thread count (see the module docs).
-pub fn randomized_svd(
-    data: &[f32],
-    rows: usize,
-    cols: usize,
-    cfg: &RsvdConfig,
-) -> Result<TruncatedSvd, SvdError> {
+pub fn randomized_svd(data: &[f32], rows: usize, cols: usize, cfg: &RsvdConfig) -> Result<TruncatedSvd, SvdError> {
     randomized_svd_par(data, rows, cols, cfg, Par::rayon(0))
 }
 
@@ -310,31 +254,18 @@ fn randomized_svd_par(
     let r = cfg.rank;
     let u = mul(q.as_ref(), ub.get(.., ..r), par);
     let v = vb.get(.., ..r);
-    if transposed {
-        pack(v, &s, u.as_ref(), r)
-    } else {
-        pack(u.as_ref(), &s, v, r)
-    }
+    if transposed { pack(v, &s, u.as_ref(), r) } else { pack(u.as_ref(), &s, v, r) }
 }
 
 /// Exact SVD (faer thin SVD of the whole matrix), truncated to `rank`; same sign convention as
 /// [`randomized_svd`]. A reference for tests and a fallback for small matrices; runs sequentially
 /// (`Par::Seq`) so its bits do not depend on the thread count either.
-pub fn exact_svd(
-    data: &[f32],
-    rows: usize,
-    cols: usize,
-    rank: usize,
-) -> Result<TruncatedSvd, SvdError> {
+pub fn exact_svd(data: &[f32], rows: usize, cols: usize, rank: usize) -> Result<TruncatedSvd, SvdError> {
     validate(data, rows, cols, rank)?;
     let (a, transposed) = tall_view(data, rows, cols);
     let (u, s, v) = thin_svd(a, Par::Seq)?;
     let (u, v) = (u.get(.., ..rank), v.get(.., ..rank));
-    if transposed {
-        pack(v, &s, u, rank)
-    } else {
-        pack(u, &s, v, rank)
-    }
+    if transposed { pack(v, &s, u, rank) } else { pack(u, &s, v, rank) }
 }
 
 #[cfg(test)]
@@ -343,18 +274,13 @@ mod tests {
 
     fn gaussian(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
         let mut rng = StdRng::seed_from_u64(seed);
-        (0..rows * cols)
-            .map(|_| rng.sample(StandardNormal))
-            .collect()
+        (0..rows * cols).map(|_| rng.sample(StandardNormal)).collect()
     }
 
     /// Random `n × k` matrix with orthonormal columns.
     fn orthonormal(n: usize, k: usize, seed: u64) -> Mat<f32> {
         let g = gaussian(n, k, seed);
-        orthonormalize(
-            MatRef::from_column_major_slice(&g, n, k).to_owned(),
-            Par::Seq,
-        )
+        orthonormalize(MatRef::from_column_major_slice(&g, n, k).to_owned(), Par::Seq)
     }
 
     /// Row-major `Q1·diag(σ)·Q2ᵀ`.
@@ -380,11 +306,8 @@ mod tests {
         let mut acc = 0.0f64;
         for i in 0..t.rows {
             for j in 0..t.cols {
-                let approx: f64 = (0..t.rank)
-                    .map(|k| {
-                        t.u[i * t.rank + k] as f64 * t.s[k] as f64 * t.vt[k * t.cols + j] as f64
-                    })
-                    .sum();
+                let approx: f64 =
+                    (0..t.rank).map(|k| t.u[i * t.rank + k] as f64 * t.s[k] as f64 * t.vt[k * t.cols + j] as f64).sum();
                 acc += (data[i * t.cols + j] as f64 - approx).powi(2);
             }
         }
@@ -411,15 +334,9 @@ mod tests {
         for sigma in [slow, sharp] {
             let m = with_spectrum(&q1, &sigma, &q2);
             let t = randomized_svd(&m, 300, 200, &RsvdConfig::new(10)).unwrap();
-            assert_eq!(
-                (t.rows, t.cols, t.rank, t.u.len(), t.vt.len()),
-                (300, 200, 10, 3000, 2000)
-            );
+            assert_eq!((t.rows, t.cols, t.rank, t.u.len(), t.vt.len()), (300, 200, 10, 3000, 2000));
             for (k, (&got, &want)) in t.s.iter().zip(&sigma).enumerate() {
-                assert!(
-                    (got - want).abs() <= 1e-3 * want,
-                    "sigma_{k}: {got} vs {want}"
-                );
+                assert!((got - want).abs() <= 1e-3 * want, "sigma_{k}: {got} vs {want}");
             }
             // Cosines of the principal angles between span(U) and span(Q1[:, :10]).
             let overlap = mul(u_mat(&t).transpose(), q1.get(.., ..10), Par::Seq);
@@ -431,19 +348,13 @@ mod tests {
     #[test]
     fn factors_are_orthonormal() {
         let m = gaussian(150, 90, 3);
-        for t in [
-            randomized_svd(&m, 150, 90, &RsvdConfig::new(20)).unwrap(),
-            exact_svd(&m, 150, 90, 20).unwrap(),
-        ] {
+        for t in [randomized_svd(&m, 150, 90, &RsvdConfig::new(20)).unwrap(), exact_svd(&m, 150, 90, 20).unwrap()] {
             assert!(orth_defect(u_mat(&t)) < 1e-4);
             assert!(orth_defect(vt_mat(&t).transpose()) < 1e-4);
             assert!(t.s.windows(2).all(|w| w[0] >= w[1]) && t.s[19] > 0.0);
             for k in 0..t.rank {
                 let col: Vec<f32> = (0..t.rows).map(|i| t.u[i * t.rank + k]).collect();
-                let max = col
-                    .iter()
-                    .copied()
-                    .fold(0.0f32, |a, x| if x.abs() > a.abs() { x } else { a });
+                let max = col.iter().copied().fold(0.0f32, |a, x| if x.abs() > a.abs() { x } else { a });
                 assert!(max > 0.0, "sign convention violated in column {k}");
             }
         }
@@ -452,20 +363,11 @@ mod tests {
     #[test]
     fn near_optimal_error_on_gaussian_and_sign_matrices() {
         let gauss = gaussian(256, 128, 4);
-        let signs: Vec<f32> = gaussian(256, 128, 5)
-            .iter()
-            .map(|x| if *x >= 0.0 { 1.0 } else { -1.0 })
-            .collect();
+        let signs: Vec<f32> = gaussian(256, 128, 5).iter().map(|x| if *x >= 0.0 { 1.0 } else { -1.0 }).collect();
         for m in [gauss, signs] {
             let best = residual(&m, &exact_svd(&m, 256, 128, 16).unwrap());
-            let got = residual(
-                &m,
-                &randomized_svd(&m, 256, 128, &RsvdConfig::new(16)).unwrap(),
-            );
-            assert!(
-                got >= best * (1.0 - 1e-4),
-                "beats Eckart-Young? {got} < {best}"
-            );
+            let got = residual(&m, &randomized_svd(&m, 256, 128, &RsvdConfig::new(16)).unwrap());
+            assert!(got >= best * (1.0 - 1e-4), "beats Eckart-Young? {got} < {best}");
             assert!(got <= best * 1.01, "rsvd error {got} vs optimal {best}");
         }
     }
@@ -477,24 +379,13 @@ mod tests {
         let m = with_spectrum(&q1, &sigma, &q2); // 70 × 230
         let t = randomized_svd(&m, 70, 230, &RsvdConfig::new(8)).unwrap();
         let e = exact_svd(&m, 70, 230, 8).unwrap();
-        assert_eq!(
-            (t.rows, t.cols, t.u.len(), t.vt.len()),
-            (70, 230, 70 * 8, 8 * 230)
-        );
+        assert_eq!((t.rows, t.cols, t.u.len(), t.vt.len()), (70, 230, 70 * 8, 8 * 230));
         for (a, b) in t.s.iter().zip(&e.s) {
             assert!((a - b).abs() <= 1e-3 * b, "{a} vs {b}");
         }
         // Canonical signs make the factors themselves comparable.
-        let du =
-            t.u.iter()
-                .zip(&e.u)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
-        let dv =
-            t.vt.iter()
-                .zip(&e.vt)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
+        let du = t.u.iter().zip(&e.u).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let dv = t.vt.iter().zip(&e.vt).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
         assert!(du < 1e-2 && dv < 1e-2, "du {du} dv {dv}");
         assert!((residual(&m, &t) - residual(&m, &e)).abs() < 1e-3 * residual(&m, &e).max(1e-3));
     }
@@ -503,17 +394,9 @@ mod tests {
     fn deterministic_and_seed_dependent() {
         let m = gaussian(200, 120, 8);
         let cfg = RsvdConfig::new(12);
-        let (a, b) = (
-            randomized_svd(&m, 200, 120, &cfg).unwrap(),
-            randomized_svd(&m, 200, 120, &cfg).unwrap(),
-        );
-        let bits = |t: &TruncatedSvd| -> Vec<u32> {
-            t.u.iter()
-                .chain(&t.s)
-                .chain(&t.vt)
-                .map(|x| x.to_bits())
-                .collect()
-        };
+        let (a, b) = (randomized_svd(&m, 200, 120, &cfg).unwrap(), randomized_svd(&m, 200, 120, &cfg).unwrap());
+        let bits =
+            |t: &TruncatedSvd| -> Vec<u32> { t.u.iter().chain(&t.s).chain(&t.vt).map(|x| x.to_bits()).collect() };
         assert_eq!(bits(&a), bits(&b));
         let c = randomized_svd(&m, 200, 120, &RsvdConfig { seed: 7, ..cfg }).unwrap();
         assert_ne!(bits(&a), bits(&c));
@@ -527,25 +410,12 @@ mod tests {
         let cfg = RsvdConfig::new(24);
         let bits = |par| -> Vec<u32> {
             let t = randomized_svd_par(&m, 700, 300, &cfg, par).unwrap();
-            t.u.iter()
-                .chain(&t.s)
-                .chain(&t.vt)
-                .map(|x| x.to_bits())
-                .collect()
+            t.u.iter().chain(&t.s).chain(&t.vt).map(|x| x.to_bits()).collect()
         };
         let seq = bits(Par::Seq);
         for n in [1, 2, 3, 8] {
-            let diff = seq
-                .iter()
-                .zip(bits(Par::rayon(n)))
-                .filter(|(a, b)| **a != *b)
-                .count();
-            assert_eq!(
-                diff,
-                0,
-                "Par::rayon({n}) changes {diff} of {} output values",
-                seq.len()
-            );
+            let diff = seq.iter().zip(bits(Par::rayon(n))).filter(|(a, b)| **a != *b).count();
+            assert_eq!(diff, 0, "Par::rayon({n}) changes {diff} of {} output values", seq.len());
         }
     }
 
@@ -569,45 +439,17 @@ mod tests {
     fn bad_input_is_rejected() {
         let m = gaussian(6, 4, 10);
         let cfg = |r| RsvdConfig::new(r);
-        assert!(matches!(
-            randomized_svd(&m[..23], 6, 4, &cfg(2)),
-            Err(SvdError::Shape {
-                len: 23,
-                rows: 6,
-                cols: 4
-            })
-        ));
-        assert!(matches!(
-            exact_svd(&m, usize::MAX, 2, 1),
-            Err(SvdError::Shape { .. })
-        ));
-        assert!(matches!(
-            randomized_svd(&m, 6, 4, &cfg(0)),
-            Err(SvdError::Rank { rank: 0, .. })
-        ));
-        assert!(matches!(
-            randomized_svd(&m, 6, 4, &cfg(5)),
-            Err(SvdError::Rank { rank: 5, .. })
-        ));
-        assert!(matches!(
-            exact_svd(&m, 6, 4, 5),
-            Err(SvdError::Rank { rank: 5, .. })
-        ));
-        assert!(matches!(
-            randomized_svd(&[], 0, 0, &cfg(1)),
-            Err(SvdError::Rank { .. })
-        ));
+        assert!(matches!(randomized_svd(&m[..23], 6, 4, &cfg(2)), Err(SvdError::Shape { len: 23, rows: 6, cols: 4 })));
+        assert!(matches!(exact_svd(&m, usize::MAX, 2, 1), Err(SvdError::Shape { .. })));
+        assert!(matches!(randomized_svd(&m, 6, 4, &cfg(0)), Err(SvdError::Rank { rank: 0, .. })));
+        assert!(matches!(randomized_svd(&m, 6, 4, &cfg(5)), Err(SvdError::Rank { rank: 5, .. })));
+        assert!(matches!(exact_svd(&m, 6, 4, 5), Err(SvdError::Rank { rank: 5, .. })));
+        assert!(matches!(randomized_svd(&[], 0, 0, &cfg(1)), Err(SvdError::Rank { .. })));
         let mut bad = m.clone();
         bad[13] = f32::NAN;
-        assert!(matches!(
-            randomized_svd(&bad, 6, 4, &cfg(2)),
-            Err(SvdError::NonFinite { index: 13 })
-        ));
+        assert!(matches!(randomized_svd(&bad, 6, 4, &cfg(2)), Err(SvdError::NonFinite { index: 13 })));
         bad[13] = f32::INFINITY;
-        assert!(matches!(
-            exact_svd(&bad, 6, 4, 2),
-            Err(SvdError::NonFinite { index: 13 })
-        ));
+        assert!(matches!(exact_svd(&bad, 6, 4, 2), Err(SvdError::NonFinite { index: 13 })));
         // Full rank with the sketch clamped to min(rows, cols) is fine.
         assert_eq!(randomized_svd(&m, 6, 4, &cfg(4)).unwrap().s.len(), 4);
     }

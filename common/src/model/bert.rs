@@ -12,14 +12,8 @@ use crate::adapter::AdaptedLinear;
 use crate::{Error, Result, ops};
 
 /// The target kinds of a BERT model, in layer order.
-pub const BERT_TARGETS: &[&str] = &[
-    "query",
-    "key",
-    "value",
-    "attention.output.dense",
-    "intermediate.dense",
-    "output.dense",
-];
+pub const BERT_TARGETS: &[&str] =
+    &["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"];
 
 #[derive(Clone, Debug)]
 struct LayerNorm {
@@ -64,11 +58,7 @@ pub struct BertModel {
 impl BertModel {
     /// Builds the encoder from checkpoint weights. A `bert.` name prefix is detected.
     pub fn load(cfg: &BertConfig, w: &mut WeightMap) -> Result<Self> {
-        let prefix = if w.contains_full("bert.embeddings.word_embeddings.weight") {
-            "bert."
-        } else {
-            ""
-        };
+        let prefix = if w.contains_full("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
         let saved_prefix = w.prefix().to_string();
         let mut w2 = std::mem::take(w).with_prefix(prefix);
         let r = Self::load_inner(cfg, &mut w2, prefix);
@@ -79,25 +69,18 @@ impl BertModel {
     fn load_inner(cfg: &BertConfig, w: &mut WeightMap, prefix: &str) -> Result<Self> {
         let (d, ff) = (cfg.hidden_size, cfg.intermediate_size);
         let word = w.take("embeddings.word_embeddings.weight", &[cfg.vocab_size, d])?;
-        let pos = w.take(
-            "embeddings.position_embeddings.weight",
-            &[cfg.max_position_embeddings, d],
-        )?;
-        let token_type = w.take(
-            "embeddings.token_type_embeddings.weight",
-            &[cfg.type_vocab_size, d],
-        )?;
+        let pos = w.take("embeddings.position_embeddings.weight", &[cfg.max_position_embeddings, d])?;
+        let token_type = w.take("embeddings.token_type_embeddings.weight", &[cfg.type_vocab_size, d])?;
         let emb_norm = LayerNorm::load(w, "embeddings.LayerNorm", d)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("encoder.layer.{i}");
-            let mut lin =
-                |sub: &str, kind: &'static str, out: usize, inp: usize| -> Result<AdaptedLinear> {
-                    let local = format!("{p}.{sub}");
-                    let weight = w.take(&format!("{local}.weight"), &[out, inp])?;
-                    let bias = w.take(&format!("{local}.bias"), &[out])?;
-                    AdaptedLinear::new(format!("{prefix}{local}"), kind, weight, Some(bias))
-                };
+            let mut lin = |sub: &str, kind: &'static str, out: usize, inp: usize| -> Result<AdaptedLinear> {
+                let local = format!("{p}.{sub}");
+                let weight = w.take(&format!("{local}.weight"), &[out, inp])?;
+                let bias = w.take(&format!("{local}.bias"), &[out])?;
+                AdaptedLinear::new(format!("{prefix}{local}"), kind, weight, Some(bias))
+            };
             let query = lin("attention.self.query", "query", d, d)?;
             let key = lin("attention.self.key", "key", d, d)?;
             let value = lin("attention.self.value", "value", d, d)?;
@@ -115,15 +98,7 @@ impl BertModel {
                 out_norm: LayerNorm::load(w, &format!("{p}.output.LayerNorm"), d)?,
             });
         }
-        Ok(Self {
-            cfg: cfg.clone(),
-            prefix: prefix.to_string(),
-            word,
-            pos,
-            token_type,
-            emb_norm,
-            layers,
-        })
+        Ok(Self { cfg: cfg.clone(), prefix: prefix.to_string(), word, pos, token_type, emb_norm, layers })
     }
 
     /// A model with random weights (unit tests).
@@ -149,26 +124,14 @@ impl BertModel {
 
     /// Every linear layer, in layer order.
     pub fn linears(&self) -> Vec<&AdaptedLinear> {
-        self.layers
-            .iter()
-            .flat_map(|l| [&l.query, &l.key, &l.value, &l.attn_out, &l.inter, &l.out])
-            .collect()
+        self.layers.iter().flat_map(|l| [&l.query, &l.key, &l.value, &l.attn_out, &l.inter, &l.out]).collect()
     }
 
     /// Every linear layer, mutably.
     pub fn linears_mut(&mut self) -> Vec<&mut AdaptedLinear> {
         self.layers
             .iter_mut()
-            .flat_map(|l| {
-                [
-                    &mut l.query,
-                    &mut l.key,
-                    &mut l.value,
-                    &mut l.attn_out,
-                    &mut l.inter,
-                    &mut l.out,
-                ]
-            })
+            .flat_map(|l| [&mut l.query, &mut l.key, &mut l.value, &mut l.attn_out, &mut l.inter, &mut l.out])
             .collect()
     }
 
@@ -176,32 +139,14 @@ impl BertModel {
     pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
         let p = &self.prefix;
         let mut v = vec![
-            (
-                format!("{p}embeddings.word_embeddings.weight"),
-                self.word.clone(),
-            ),
-            (
-                format!("{p}embeddings.position_embeddings.weight"),
-                self.pos.clone(),
-            ),
-            (
-                format!("{p}embeddings.token_type_embeddings.weight"),
-                self.token_type.clone(),
-            ),
-            (
-                format!("{p}embeddings.LayerNorm.weight"),
-                self.emb_norm.w.clone(),
-            ),
-            (
-                format!("{p}embeddings.LayerNorm.bias"),
-                self.emb_norm.b.clone(),
-            ),
+            (format!("{p}embeddings.word_embeddings.weight"), self.word.clone()),
+            (format!("{p}embeddings.position_embeddings.weight"), self.pos.clone()),
+            (format!("{p}embeddings.token_type_embeddings.weight"), self.token_type.clone()),
+            (format!("{p}embeddings.LayerNorm.weight"), self.emb_norm.w.clone()),
+            (format!("{p}embeddings.LayerNorm.bias"), self.emb_norm.b.clone()),
         ];
         for (i, l) in self.layers.iter().enumerate() {
-            for (n, ln) in [
-                ("attention.output.LayerNorm", &l.attn_norm),
-                ("output.LayerNorm", &l.out_norm),
-            ] {
+            for (n, ln) in [("attention.output.LayerNorm", &l.attn_norm), ("output.LayerNorm", &l.out_norm)] {
                 v.push((format!("{p}encoder.layer.{i}.{n}.weight"), ln.w.clone()));
                 v.push((format!("{p}encoder.layer.{i}.{n}.bias"), ln.b.clone()));
             }
@@ -217,12 +162,7 @@ impl BertModel {
 
     /// Last hidden states `[b, t, hidden]`. `ids`, `type_ids` and `mask` (1 = token, 0 = padding) are
     /// `[b, t]` u32.
-    pub fn forward(
-        &self,
-        ids: &Tensor,
-        type_ids: Option<&Tensor>,
-        mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, ids: &Tensor, type_ids: Option<&Tensor>, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if t > self.cfg.max_position_embeddings {
             return Err(Error::Data(format!(
@@ -233,56 +173,28 @@ impl BertModel {
         let d = self.cfg.hidden_size;
         let h = self.cfg.num_attention_heads;
         let hd = d / h;
-        let words = self
-            .word
-            .embedding(&ids.flatten_all()?)?
-            .reshape((b, t, d))?;
+        let words = self.word.embedding(&ids.flatten_all()?)?.reshape((b, t, d))?;
         let pos = self.pos.narrow(0, 0, t)?.unsqueeze(0)?;
         let types = match type_ids {
-            Some(tt) => self
-                .token_type
-                .embedding(&tt.flatten_all()?)?
-                .reshape((b, t, d))?,
-            None => self
-                .token_type
-                .narrow(0, 0, 1)?
-                .unsqueeze(0)?
-                .broadcast_as((b, t, d))?
-                .contiguous()?,
+            Some(tt) => self.token_type.embedding(&tt.flatten_all()?)?.reshape((b, t, d))?,
+            None => self.token_type.narrow(0, 0, 1)?.unsqueeze(0)?.broadcast_as((b, t, d))?.contiguous()?,
         };
         let x = words.broadcast_add(&pos)?.add(&types)?;
-        let mut x = ops::layer_norm(
-            &x,
-            &self.emb_norm.w,
-            &self.emb_norm.b,
-            self.cfg.layer_norm_eps,
-        )?;
+        let mut x = ops::layer_norm(&x, &self.emb_norm.w, &self.emb_norm.b, self.cfg.layer_norm_eps)?;
         let amask = ops::attention_mask(mask, b, t, t, false, 0, self.device())?;
         let scale = 1.0 / (hd as f64).sqrt();
         for l in &self.layers {
-            let split = |y: Tensor| -> Result<Tensor> {
-                Ok(y.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?)
-            };
+            let split = |y: Tensor| -> Result<Tensor> { Ok(y.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?) };
             let q = split(l.query.forward(&x)?)?;
             let k = split(l.key.forward(&x)?)?;
             let v = split(l.value.forward(&x)?)?;
             let a = ops::attention(&q, &k, &v, amask.as_ref(), scale)?;
             let a = a.transpose(1, 2)?.reshape((b, t, d))?;
             let a = l.attn_out.forward(&a)?;
-            x = ops::layer_norm(
-                &(a + &x)?,
-                &l.attn_norm.w,
-                &l.attn_norm.b,
-                self.cfg.layer_norm_eps,
-            )?;
+            x = ops::layer_norm(&(a + &x)?, &l.attn_norm.w, &l.attn_norm.b, self.cfg.layer_norm_eps)?;
             let f = ops::gelu_erf(&l.inter.forward(&x)?)?;
             let f = l.out.forward(&f)?;
-            x = ops::layer_norm(
-                &(f + &x)?,
-                &l.out_norm.w,
-                &l.out_norm.b,
-                self.cfg.layer_norm_eps,
-            )?;
+            x = ops::layer_norm(&(f + &x)?, &l.out_norm.w, &l.out_norm.b, self.cfg.layer_norm_eps)?;
         }
         Ok(x)
     }
@@ -323,24 +235,16 @@ impl BertClassifier {
         use rand::SeedableRng;
         use rand_distr::{Distribution, Normal};
         if num_labels < 2 {
-            return Err(Error::Config(format!(
-                "a classifier needs at least 2 labels, got {num_labels}"
-            )));
+            return Err(Error::Config(format!("a classifier needs at least 2 labels, got {num_labels}")));
         }
         let d = encoder.config().hidden_size;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let normal = Normal::new(0f32, 0.02).map_err(|e| Error::Config(e.to_string()))?;
-        let w: Vec<f32> = (0..num_labels * d)
-            .map(|_| normal.sample(&mut rng))
-            .collect();
+        let w: Vec<f32> = (0..num_labels * d).map(|_| normal.sample(&mut rng)).collect();
         let dev = encoder.device().clone();
         let head_w = Var::from_tensor(&Tensor::from_vec(w, (num_labels, d), &dev)?)?;
         let head_b = Var::from_tensor(&Tensor::zeros(num_labels, DType::F32, &dev)?)?;
-        Ok(Self {
-            encoder,
-            head_w,
-            head_b,
-        })
+        Ok(Self { encoder, head_w, head_b })
     }
 
     /// Replaces the head's values (shapes must match).
@@ -369,28 +273,18 @@ impl BertClassifier {
 
     /// The head's variables by name.
     pub fn head(&self) -> Vec<(String, Var)> {
-        vec![
-            (HEAD_WEIGHT.to_string(), self.head_w.clone()),
-            (HEAD_BIAS.to_string(), self.head_b.clone()),
-        ]
+        vec![(HEAD_WEIGHT.to_string(), self.head_w.clone()), (HEAD_BIAS.to_string(), self.head_b.clone())]
     }
 
     /// Logits `[b, labels]`.
-    pub fn forward(
-        &self,
-        ids: &Tensor,
-        type_ids: Option<&Tensor>,
-        mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, ids: &Tensor, type_ids: Option<&Tensor>, mask: Option<&Tensor>) -> Result<Tensor> {
         let h = self.encoder.forward(ids, type_ids, mask)?;
         self.head_logits(&mean_pool(&h, mask)?)
     }
 
     /// Logits of pooled features `[b, hidden]`.
     pub fn head_logits(&self, pooled: &Tensor) -> Result<Tensor> {
-        Ok(pooled
-            .matmul(&self.head_w.as_tensor().t()?)?
-            .broadcast_add(self.head_b.as_tensor())?)
+        Ok(pooled.matmul(&self.head_w.as_tensor().t()?)?.broadcast_add(self.head_b.as_tensor())?)
     }
 }
 
@@ -411,18 +305,9 @@ pub fn random_bert_weights(
     };
     let (d, ff) = (cfg.hidden_size, cfg.intermediate_size);
     let mut m = std::collections::HashMap::new();
-    m.insert(
-        "embeddings.word_embeddings.weight".into(),
-        randn(&[cfg.vocab_size, d])?,
-    );
-    m.insert(
-        "embeddings.position_embeddings.weight".into(),
-        randn(&[cfg.max_position_embeddings, d])?,
-    );
-    m.insert(
-        "embeddings.token_type_embeddings.weight".into(),
-        randn(&[cfg.type_vocab_size, d])?,
-    );
+    m.insert("embeddings.word_embeddings.weight".into(), randn(&[cfg.vocab_size, d])?);
+    m.insert("embeddings.position_embeddings.weight".into(), randn(&[cfg.max_position_embeddings, d])?);
+    m.insert("embeddings.token_type_embeddings.weight".into(), randn(&[cfg.type_vocab_size, d])?);
     let ones = Tensor::ones(d, DType::F32, device)?;
     let zeros = Tensor::zeros(d, DType::F32, device)?;
     m.insert("embeddings.LayerNorm.weight".into(), ones.clone());
@@ -454,16 +339,7 @@ mod tests {
     use candle_core::IndexOp;
 
     fn maxdiff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }
 
     #[test]
@@ -486,17 +362,11 @@ mod tests {
     fn bert_prefix_is_detected_and_kept_in_module_names() {
         let dev = Device::Cpu;
         let raw = random_bert_weights(&BertConfig::tiny(), 1, &dev).unwrap();
-        let prefixed = raw
-            .into_iter()
-            .map(|(k, v)| (format!("bert.{k}"), v))
-            .collect();
+        let prefixed = raw.into_iter().map(|(k, v)| (format!("bert.{k}"), v)).collect();
         let mut w = WeightMap::new(prefixed).unwrap();
         let m = BertModel::load(&BertConfig::tiny(), &mut w).unwrap();
         assert_eq!(m.prefix(), "bert.");
-        assert_eq!(
-            m.linears()[0].name(),
-            "bert.encoder.layer.0.attention.self.query"
-        );
+        assert_eq!(m.linears()[0].name(), "bert.encoder.layer.0.attention.self.query");
         assert!(w.remaining().is_empty(), "{:?}", w.remaining());
     }
 

@@ -104,14 +104,8 @@ fn opt_f64(v: &serde_json::Value, k: &str, default: f64) -> f64 {
 
 fn token_ids(v: Option<&serde_json::Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => {
-            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
-        }
-        Some(serde_json::Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|x| x as u32)
-            .collect(),
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
         _ => vec![],
     }
 }
@@ -119,19 +113,11 @@ fn token_ids(v: Option<&serde_json::Value>) -> Vec<u32> {
 impl ArchConfig {
     /// Parses a Hugging Face `config.json`.
     pub fn from_hf_json(text: &str) -> Result<Self> {
-        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::Json {
-            context: "config.json".into(),
-            source: e,
-        })?;
-        let model_type = get(&v, "model_type")
-            .and_then(|x| x.as_str())
-            .unwrap_or("")
-            .to_string();
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| Error::Json { context: "config.json".into(), source: e })?;
+        let model_type = get(&v, "model_type").and_then(|x| x.as_str()).unwrap_or("").to_string();
         match model_type.as_str() {
-            "llama" | "mistral" | "qwen2" => Ok(ArchConfig::Llama(LlamaConfig::from_hf_value(
-                &v,
-                &model_type,
-            )?)),
+            "llama" | "mistral" | "qwen2" => Ok(ArchConfig::Llama(LlamaConfig::from_hf_value(&v, &model_type)?)),
             "bert" => Ok(ArchConfig::Bert(BertConfig::from_hf_value(&v)?)),
             other => Err(Error::Model(format!(
                 "config.json: model_type `{other}` is not supported (supported: llama, mistral, qwen2, bert)"
@@ -144,9 +130,7 @@ impl LlamaConfig {
     fn from_hf_value(v: &serde_json::Value, model_type: &str) -> Result<Self> {
         let hidden_size = req_usize(v, "hidden_size")?;
         let num_attention_heads = req_usize(v, "num_attention_heads")?;
-        if num_attention_heads == 0
-            || hidden_size % num_attention_heads != 0 && get(v, "head_dim").is_none()
-        {
+        if num_attention_heads == 0 || hidden_size % num_attention_heads != 0 && get(v, "head_dim").is_none() {
             return Err(Error::Model(format!(
                 "config.json: hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}"
             )));
@@ -158,28 +142,20 @@ impl LlamaConfig {
         let rope_params = get(v, "rope_scaling").or_else(|| get(v, "rope_parameters"));
         let rope_scaling = match rope_params {
             Some(rs) => {
-                let kind = get(rs, "rope_type")
-                    .or_else(|| get(rs, "type"))
-                    .and_then(|x| x.as_str())
-                    .unwrap_or("default");
+                let kind =
+                    get(rs, "rope_type").or_else(|| get(rs, "type")).and_then(|x| x.as_str()).unwrap_or("default");
                 match kind {
                     "default" => None,
                     "llama3" => Some(Llama3RopeScaling {
                         factor: opt_f64(rs, "factor", 8.0),
                         low_freq_factor: opt_f64(rs, "low_freq_factor", 1.0),
                         high_freq_factor: opt_f64(rs, "high_freq_factor", 4.0),
-                        original_max_position_embeddings: get(
-                            rs,
-                            "original_max_position_embeddings",
-                        )
-                        .and_then(|x| x.as_u64())
-                        .unwrap_or(8192)
-                            as usize,
+                        original_max_position_embeddings: get(rs, "original_max_position_embeddings")
+                            .and_then(|x| x.as_u64())
+                            .unwrap_or(8192) as usize,
                     }),
                     other => {
-                        return Err(Error::Model(format!(
-                            "config.json: rope scaling `{other}` is not supported"
-                        )));
+                        return Err(Error::Model(format!("config.json: rope scaling `{other}` is not supported")));
                     }
                 }
             }
@@ -187,11 +163,7 @@ impl LlamaConfig {
         };
         let rope_theta = get(v, "rope_theta")
             .and_then(|x| x.as_f64())
-            .or_else(|| {
-                rope_params
-                    .and_then(|r| get(r, "rope_theta"))
-                    .and_then(|x| x.as_f64())
-            })
+            .or_else(|| rope_params.and_then(|r| get(r, "rope_theta")).and_then(|x| x.as_f64()))
             .unwrap_or(10_000.0);
         let cfg = Self {
             model_type: model_type.to_string(),
@@ -208,15 +180,10 @@ impl LlamaConfig {
             rms_norm_eps: opt_f64(v, "rms_norm_eps", 1e-6),
             rope_theta,
             rope_scaling,
-            max_position_embeddings: get(v, "max_position_embeddings")
-                .and_then(|x| x.as_u64())
-                .unwrap_or(4096) as usize,
-            tie_word_embeddings: get(v, "tie_word_embeddings")
-                .and_then(|x| x.as_bool())
-                .unwrap_or(false),
-            attention_bias: get(v, "attention_bias")
-                .and_then(|x| x.as_bool())
-                .unwrap_or(model_type == "qwen2"),
+            max_position_embeddings: get(v, "max_position_embeddings").and_then(|x| x.as_u64()).unwrap_or(4096)
+                as usize,
+            tie_word_embeddings: get(v, "tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(false),
+            attention_bias: get(v, "attention_bias").and_then(|x| x.as_bool()).unwrap_or(model_type == "qwen2"),
             bos_token_id: token_ids(get(v, "bos_token_id")).first().copied(),
             eos_token_ids: token_ids(get(v, "eos_token_id")),
             pad_token_id: token_ids(get(v, "pad_token_id")).first().copied(),
@@ -227,23 +194,17 @@ impl LlamaConfig {
 
     /// Checks that the sizes are consistent.
     pub fn validate(&self) -> Result<()> {
-        if self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0
-        {
+        if self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0 {
             return Err(Error::Model(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
             )));
         }
         if self.head_dim % 2 != 0 {
-            return Err(Error::Model(format!(
-                "head_dim {} must be even for RoPE",
-                self.head_dim
-            )));
+            return Err(Error::Model(format!("head_dim {} must be even for RoPE", self.head_dim)));
         }
         if self.vocab_size == 0 || self.hidden_size == 0 || self.num_hidden_layers == 0 {
-            return Err(Error::Model(
-                "vocab_size, hidden_size and num_hidden_layers must be positive".into(),
-            ));
+            return Err(Error::Model("vocab_size, hidden_size and num_hidden_layers must be positive".into()));
         }
         Ok(())
     }
@@ -317,10 +278,7 @@ impl LlamaConfig {
     /// RoPE inverse frequencies (`head_dim / 2` of them), with Llama 3 scaling when configured.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
         let d = self.head_dim;
-        let base: Vec<f64> = (0..d)
-            .step_by(2)
-            .map(|i| 1.0 / self.rope_theta.powf(i as f64 / d as f64))
-            .collect();
+        let base: Vec<f64> = (0..d).step_by(2).map(|i| 1.0 / self.rope_theta.powf(i as f64 / d as f64)).collect();
         match &self.rope_scaling {
             None => base.into_iter().map(|x| x as f32).collect(),
             Some(s) => {
@@ -334,8 +292,7 @@ impl LlamaConfig {
                         } else if wavelen > low_wavelen {
                             f / s.factor
                         } else {
-                            let smooth = (s.original_max_position_embeddings as f64 / wavelen
-                                - s.low_freq_factor)
+                            let smooth = (s.original_max_position_embeddings as f64 / wavelen - s.low_freq_factor)
                                 / (s.high_freq_factor - s.low_freq_factor);
                             (1.0 - smooth) * f / s.factor + smooth * f
                         };
@@ -349,21 +306,13 @@ impl LlamaConfig {
 
 impl BertConfig {
     fn from_hf_value(v: &serde_json::Value) -> Result<Self> {
-        let act = get(v, "hidden_act")
-            .and_then(|x| x.as_str())
-            .unwrap_or("gelu");
+        let act = get(v, "hidden_act").and_then(|x| x.as_str()).unwrap_or("gelu");
         if act != "gelu" {
-            return Err(Error::Model(format!(
-                "config.json: hidden_act `{act}` is not supported (only exact `gelu`)"
-            )));
+            return Err(Error::Model(format!("config.json: hidden_act `{act}` is not supported (only exact `gelu`)")));
         }
-        let pos = get(v, "position_embedding_type")
-            .and_then(|x| x.as_str())
-            .unwrap_or("absolute");
+        let pos = get(v, "position_embedding_type").and_then(|x| x.as_str()).unwrap_or("absolute");
         if pos != "absolute" {
-            return Err(Error::Model(format!(
-                "config.json: position_embedding_type `{pos}` is not supported"
-            )));
+            return Err(Error::Model(format!("config.json: position_embedding_type `{pos}` is not supported")));
         }
         let cfg = Self {
             vocab_size: req_usize(v, "vocab_size")?,
@@ -372,9 +321,7 @@ impl BertConfig {
             num_attention_heads: req_usize(v, "num_attention_heads")?,
             intermediate_size: req_usize(v, "intermediate_size")?,
             max_position_embeddings: req_usize(v, "max_position_embeddings")?,
-            type_vocab_size: get(v, "type_vocab_size")
-                .and_then(|x| x.as_u64())
-                .unwrap_or(2) as usize,
+            type_vocab_size: get(v, "type_vocab_size").and_then(|x| x.as_u64()).unwrap_or(2) as usize,
             layer_norm_eps: opt_f64(v, "layer_norm_eps", 1e-12),
             pad_token_id: get(v, "pad_token_id").and_then(|x| x.as_u64()).unwrap_or(0) as u32,
         };
@@ -435,9 +382,7 @@ mod tests {
             "rope_theta":500000.0,"rope_scaling":{"factor":32.0,"high_freq_factor":4.0,"low_freq_factor":1.0,
             "original_max_position_embeddings":8192,"rope_type":"llama3"},"tie_word_embeddings":true,
             "bos_token_id":128000,"eos_token_id":[128001,128008,128009]}"#;
-        let ArchConfig::Llama(c) = ArchConfig::from_hf_json(llama3).unwrap() else {
-            panic!()
-        };
+        let ArchConfig::Llama(c) = ArchConfig::from_hf_json(llama3).unwrap() else { panic!() };
         assert_eq!(c.head_dim, 128);
         assert_eq!(c.eos_token_ids, vec![128001, 128008, 128009]);
         assert!(c.rope_scaling.is_some());
@@ -446,27 +391,18 @@ mod tests {
         assert!((f[0] - 1.0).abs() < 1e-6, "high frequencies are unscaled");
         let qwen = r#"{"model_type":"qwen2","vocab_size":151936,"hidden_size":896,"intermediate_size":4864,
             "num_hidden_layers":24,"num_attention_heads":14,"num_key_value_heads":2,"rope_theta":1000000.0}"#;
-        let ArchConfig::Llama(q) = ArchConfig::from_hf_json(qwen).unwrap() else {
-            panic!()
-        };
+        let ArchConfig::Llama(q) = ArchConfig::from_hf_json(qwen).unwrap() else { panic!() };
         assert!(q.attention_bias);
         let bert = r#"{"model_type":"bert","vocab_size":30522,"hidden_size":384,"num_hidden_layers":6,
             "num_attention_heads":12,"intermediate_size":1536,"max_position_embeddings":512,"hidden_act":"gelu"}"#;
-        assert!(matches!(
-            ArchConfig::from_hf_json(bert).unwrap(),
-            ArchConfig::Bert(_)
-        ));
+        assert!(matches!(ArchConfig::from_hf_json(bert).unwrap(), ArchConfig::Bert(_)));
     }
 
     #[test]
     fn bad_configs_are_refused_clearly() {
-        let e = ArchConfig::from_hf_json(r#"{"model_type":"gpt2"}"#)
-            .unwrap_err()
-            .to_string();
+        let e = ArchConfig::from_hf_json(r#"{"model_type":"gpt2"}"#).unwrap_err().to_string();
         assert!(e.contains("gpt2"), "{e}");
-        let e = ArchConfig::from_hf_json(r#"{"model_type":"llama","vocab_size":10}"#)
-            .unwrap_err()
-            .to_string();
+        let e = ArchConfig::from_hf_json(r#"{"model_type":"llama","vocab_size":10}"#).unwrap_err().to_string();
         assert!(e.contains("hidden_size"), "{e}");
         assert!(ArchConfig::from_hf_json("{not json").is_err());
         let gqa = r#"{"model_type":"llama","vocab_size":10,"hidden_size":16,"intermediate_size":8,

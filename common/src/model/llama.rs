@@ -66,31 +66,22 @@ impl LlamaModel {
     pub fn load(cfg: &LlamaConfig, w: &mut WeightMap) -> Result<Self> {
         cfg.validate()?;
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
-        let (hq, hkv, hd, ff) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            cfg.intermediate_size,
-        );
+        let (hq, hkv, hd, ff) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
         let embed = w.take("model.embed_tokens.weight", &[v, d])?;
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let mut lin = |sub: &str,
-                           kind: &'static str,
-                           out: usize,
-                           inp: usize,
-                           bias: bool|
-             -> Result<AdaptedLinear> {
-                let name = format!("{p}.{sub}");
-                let weight = w.take(&format!("{name}.weight"), &[out, inp])?;
-                let b = if bias {
-                    Some(w.take(&format!("{name}.bias"), &[out])?)
-                } else {
-                    w.take_opt(&format!("{name}.bias"), &[out])?
+            let mut lin =
+                |sub: &str, kind: &'static str, out: usize, inp: usize, bias: bool| -> Result<AdaptedLinear> {
+                    let name = format!("{p}.{sub}");
+                    let weight = w.take(&format!("{name}.weight"), &[out, inp])?;
+                    let b = if bias {
+                        Some(w.take(&format!("{name}.bias"), &[out])?)
+                    } else {
+                        w.take_opt(&format!("{name}.bias"), &[out])?
+                    };
+                    AdaptedLinear::new(name, kind, weight, b)
                 };
-                AdaptedLinear::new(name, kind, weight, b)
-            };
             let ab = cfg.attention_bias;
             let q = lin("self_attn.q_proj", "q", hq * hd, d, ab)?;
             let k = lin("self_attn.k_proj", "k", hkv * hd, d, ab)?;
@@ -117,20 +108,10 @@ impl LlamaModel {
         } else if cfg.tie_word_embeddings {
             None
         } else {
-            return Err(crate::Error::tensor(
-                "lm_head.weight",
-                "missing and tie_word_embeddings is false",
-            ));
+            return Err(crate::Error::tensor("lm_head.weight", "missing and tie_word_embeddings is false"));
         };
         let inv_freq = Tensor::new(cfg.rope_inv_freq(), embed.device())?;
-        Ok(Self {
-            cfg: cfg.clone(),
-            embed,
-            blocks,
-            norm,
-            lm_head,
-            inv_freq,
-        })
+        Ok(Self { cfg: cfg.clone(), embed, blocks, norm, lm_head, inv_freq })
     }
 
     /// A model with random weights of the given config (unit tests).
@@ -151,27 +132,14 @@ impl LlamaModel {
 
     /// Every linear layer, in layer order.
     pub fn linears(&self) -> Vec<&AdaptedLinear> {
-        self.blocks
-            .iter()
-            .flat_map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down])
-            .collect()
+        self.blocks.iter().flat_map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down]).collect()
     }
 
     /// Every linear layer, mutably.
     pub fn linears_mut(&mut self) -> Vec<&mut AdaptedLinear> {
         self.blocks
             .iter_mut()
-            .flat_map(|b| {
-                [
-                    &mut b.q,
-                    &mut b.k,
-                    &mut b.v,
-                    &mut b.o,
-                    &mut b.gate,
-                    &mut b.up,
-                    &mut b.down,
-                ]
-            })
+            .flat_map(|b| [&mut b.q, &mut b.k, &mut b.v, &mut b.o, &mut b.gate, &mut b.up, &mut b.down])
             .collect()
     }
 
@@ -181,10 +149,7 @@ impl LlamaModel {
         for (i, b) in self.blocks.iter().enumerate() {
             let p = format!("model.layers.{i}");
             v.push((format!("{p}.input_layernorm.weight"), b.input_norm.clone()));
-            v.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                b.post_norm.clone(),
-            ));
+            v.push((format!("{p}.post_attention_layernorm.weight"), b.post_norm.clone()));
         }
         for l in self.linears() {
             v.push((format!("{}.weight", l.name()), l.merged_weight()?));
@@ -200,11 +165,8 @@ impl LlamaModel {
     }
 
     fn rope_tables(&self, offset: usize, t: usize) -> Result<(Tensor, Tensor)> {
-        let pos = Tensor::arange(offset as u32, (offset + t) as u32, self.device())?
-            .to_dtype(DType::F32)?;
-        let freqs = pos
-            .unsqueeze(1)?
-            .broadcast_mul(&self.inv_freq.unsqueeze(0)?)?; // [t, hd/2]
+        let pos = Tensor::arange(offset as u32, (offset + t) as u32, self.device())?.to_dtype(DType::F32)?;
+        let freqs = pos.unsqueeze(1)?.broadcast_mul(&self.inv_freq.unsqueeze(0)?)?; // [t, hd/2]
         Ok((freqs.cos()?, freqs.sin()?))
     }
 
@@ -226,15 +188,8 @@ impl LlamaModel {
                 self.cfg.max_position_embeddings
             );
         }
-        let (hq, hkv, hd) = (
-            self.cfg.num_attention_heads,
-            self.cfg.num_key_value_heads,
-            self.cfg.head_dim,
-        );
-        let mut x =
-            self.embed
-                .embedding(&ids.flatten_all()?)?
-                .reshape((b, t, self.cfg.hidden_size))?;
+        let (hq, hkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
+        let mut x = self.embed.embedding(&ids.flatten_all()?)?.reshape((b, t, self.cfg.hidden_size))?;
         let (cos, sin) = self.rope_tables(offset, t)?;
         let mask = ops::attention_mask(key_mask, b, t, offset + t, true, offset, self.device())?;
         if let Some(c) = cache.as_deref_mut()
@@ -245,30 +200,15 @@ impl LlamaModel {
         let scale = 1.0 / (hd as f64).sqrt();
         for (i, blk) in self.blocks.iter().enumerate() {
             let h = ops::rms_norm(&x, &blk.input_norm, self.cfg.rms_norm_eps)?;
-            let q = blk
-                .q
-                .forward(&h)?
-                .reshape((b, t, hq, hd))?
-                .transpose(1, 2)?;
-            let k = blk
-                .k
-                .forward(&h)?
-                .reshape((b, t, hkv, hd))?
-                .transpose(1, 2)?;
-            let v = blk
-                .v
-                .forward(&h)?
-                .reshape((b, t, hkv, hd))?
-                .transpose(1, 2)?;
+            let q = blk.q.forward(&h)?.reshape((b, t, hq, hd))?.transpose(1, 2)?;
+            let k = blk.k.forward(&h)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?;
+            let v = blk.v.forward(&h)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?;
             let q = ops::rope(&q, &cos, &sin)?;
             let k = ops::rope(&k, &cos, &sin)?;
             let (k, v) = match cache.as_deref_mut() {
                 Some(c) => {
                     let (k, v) = match &c.layers[i] {
-                        Some((pk, pv)) => (
-                            Tensor::cat(&[pk, &k], 2)?,
-                            Tensor::cat(&[pv, &v.contiguous()?], 2)?,
-                        ),
+                        Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v.contiguous()?], 2)?),
                         None => (k, v.contiguous()?),
                     };
                     // Detached: decoding needs no gradient, and the graph would keep every step alive.
@@ -303,25 +243,16 @@ impl LlamaModel {
     /// Mean next-token cross-entropy over the positions whose label is not `ignore` (`labels[b, i]` is the
     /// target for position `i`, i.e. already shifted). Returns the mean loss and the number of positions.
     /// Only labelled positions go through the LM head.
-    pub fn lm_loss(
-        &self,
-        ids: &Tensor,
-        key_mask: Option<&Tensor>,
-        labels: &[Vec<i64>],
-    ) -> Result<(Tensor, usize)> {
+    pub fn lm_loss(&self, ids: &Tensor, key_mask: Option<&Tensor>, labels: &[Vec<i64>]) -> Result<(Tensor, usize)> {
         let (b, t) = ids.dims2()?;
-        let hidden = self
-            .forward_hidden(ids, key_mask, None)?
-            .reshape((b * t, self.cfg.hidden_size))?;
+        let hidden = self.forward_hidden(ids, key_mask, None)?.reshape((b * t, self.cfg.hidden_size))?;
         let mut rows = Vec::new();
         let mut targets = Vec::new();
         for (bi, row) in labels.iter().enumerate() {
             for (i, &l) in row.iter().enumerate().take(t) {
                 if l >= 0 {
                     if l as usize >= self.cfg.vocab_size {
-                        return Err(crate::Error::Data(format!(
-                            "label {l} is outside the vocabulary"
-                        )));
+                        return Err(crate::Error::Data(format!("label {l} is outside the vocabulary")));
                     }
                     rows.push((bi * t + i) as u32);
                     targets.push(l as u32);
@@ -340,12 +271,7 @@ impl LlamaModel {
     }
 
     /// Next-token logits `[b, vocab]` of the last position, using and extending `cache`.
-    pub fn forward_step(
-        &self,
-        ids: &Tensor,
-        key_mask: Option<&Tensor>,
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
+    pub fn forward_step(&self, ids: &Tensor, key_mask: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
         let h = self.forward_hidden(ids, key_mask, Some(cache))?;
         self.logits(&h.i((.., t - 1, ..))?)
@@ -375,10 +301,7 @@ pub fn random_llama_weights(
         Ok(Tensor::from_vec(v, shape, device)?)
     };
     let (d, v, ff) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
-    let (q, kv) = (
-        cfg.num_attention_heads * cfg.head_dim,
-        cfg.num_key_value_heads * cfg.head_dim,
-    );
+    let (q, kv) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
     let mut m = std::collections::HashMap::new();
     m.insert("model.embed_tokens.weight".to_string(), randn(&[v, d])?);
     for i in 0..cfg.num_hidden_layers {
@@ -399,19 +322,10 @@ pub fn random_llama_weights(
             m.insert(format!("{p}.self_attn.k_proj.bias"), randn(&[kv])?);
             m.insert(format!("{p}.self_attn.v_proj.bias"), randn(&[kv])?);
         }
-        m.insert(
-            format!("{p}.input_layernorm.weight"),
-            Tensor::ones(d, DType::F32, device)?,
-        );
-        m.insert(
-            format!("{p}.post_attention_layernorm.weight"),
-            Tensor::ones(d, DType::F32, device)?,
-        );
+        m.insert(format!("{p}.input_layernorm.weight"), Tensor::ones(d, DType::F32, device)?);
+        m.insert(format!("{p}.post_attention_layernorm.weight"), Tensor::ones(d, DType::F32, device)?);
     }
-    m.insert(
-        "model.norm.weight".to_string(),
-        Tensor::ones(d, DType::F32, device)?,
-    );
+    m.insert("model.norm.weight".to_string(), Tensor::ones(d, DType::F32, device)?);
     if !cfg.tie_word_embeddings {
         m.insert("lm_head.weight".to_string(), randn(&[v, d])?);
     }
@@ -423,16 +337,7 @@ mod tests {
     use super::*;
 
     fn maxdiff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }
 
     #[test]
@@ -444,18 +349,11 @@ mod tests {
         let ids = Tensor::new(&[[3u32, 7, 9, 11, 5, 8]], &dev).unwrap();
         let full = m.forward(&ids, None).unwrap();
         let mut cache = KvCache::new();
-        let first = m
-            .forward_step(&ids.narrow(1, 0, 4).unwrap(), None, &mut cache)
-            .unwrap();
+        let first = m.forward_step(&ids.narrow(1, 0, 4).unwrap(), None, &mut cache).unwrap();
         assert!(maxdiff(&first, &full.i((.., 3, ..)).unwrap()) < 1e-5);
         for p in 4..6 {
-            let step = m
-                .forward_step(&ids.narrow(1, p, 1).unwrap(), None, &mut cache)
-                .unwrap();
-            assert!(
-                maxdiff(&step, &full.i((.., p, ..)).unwrap()) < 1e-5,
-                "position {p}"
-            );
+            let step = m.forward_step(&ids.narrow(1, p, 1).unwrap(), None, &mut cache).unwrap();
+            assert!(maxdiff(&step, &full.i((.., p, ..)).unwrap()) < 1e-5, "position {p}");
         }
         assert_eq!(cache.len(), 6);
     }
@@ -482,9 +380,6 @@ mod tests {
         let l = loss.to_scalar::<f32>().unwrap();
         assert!((l - (61f32).ln()).abs() < 0.5, "{l}");
         assert!(m.lm_loss(&ids, None, &[vec![-100; 4]]).is_err());
-        assert!(
-            m.lm_loss(&ids, None, &[vec![999, -100, -100, -100]])
-                .is_err()
-        );
+        assert!(m.lm_loss(&ids, None, &[vec![999, -100, -100, -100]]).is_err());
     }
 }

@@ -42,11 +42,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self {
-            num_labels: 2,
-            head_seed: 0,
-            tokenizer: None,
-        }
+        Self { num_labels: 2, head_seed: 0, tokenizer: None }
     }
 }
 
@@ -83,10 +79,7 @@ pub fn weights_sha256(files: &[PathBuf]) -> Result<String> {
             use sha2::Digest;
             let mut h = sha2::Sha256::new();
             for f in many {
-                let name = f
-                    .file_name()
-                    .map(|n| n.to_string_lossy().to_string())
-                    .unwrap_or_default();
+                let name = f.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
                 h.update(format!("{name} {}\n", file_sha256(f)?).as_bytes());
             }
             Ok(hex::encode(h.finalize()))
@@ -107,10 +100,7 @@ pub fn load_model(path: &Path, device: &Device, opts: &LoadOptions) -> Result<Lo
         tokenizer = if t.file_name().is_some_and(|n| n == "tokenizer.json") {
             TextTokenizer::from_hf_dir(dir)?
         } else {
-            return Err(Error::Tokenizer(format!(
-                "{}: expected a path to a tokenizer.json",
-                t.display()
-            )));
+            return Err(Error::Tokenizer(format!("{}: expected a path to a tokenizer.json", t.display())));
         };
     }
     let model = match &arch {
@@ -133,32 +123,15 @@ pub fn load_model(path: &Path, device: &Device, opts: &LoadOptions) -> Result<Lo
             Model::Classifier(clf)
         }
     };
-    let unused: Vec<String> = weights
-        .remaining()
-        .into_iter()
-        .filter(|n| !ignorable(n))
-        .collect();
+    let unused: Vec<String> = weights.remaining().into_iter().filter(|n| !ignorable(n)).collect();
     if !unused.is_empty() {
-        tracing::debug!(
-            "{} checkpoint tensors unused: {:?}",
-            unused.len(),
-            &unused[..unused.len().min(8)]
-        );
+        tracing::debug!("{} checkpoint tensors unused: {:?}", unused.len(), &unused[..unused.len().min(8)]);
     }
-    Ok(LoadedModel {
-        model,
-        tokenizer,
-        arch,
-        path: path.to_path_buf(),
-        format,
-        weight_files,
-    })
+    Ok(LoadedModel { model, tokenizer, arch, path: path.to_path_buf(), format, weight_files })
 }
 
 fn ignorable(name: &str) -> bool {
-    name.contains("pooler.")
-        || name.ends_with("position_ids")
-        || name.contains("rotary_emb.inv_freq")
+    name.contains("pooler.") || name.ends_with("position_ids") || name.contains("rotary_emb.inv_freq")
 }
 
 fn resolve(path: &Path) -> Result<(ModelFormat, PathBuf)> {
@@ -172,36 +145,23 @@ fn resolve(path: &Path) -> Result<(ModelFormat, PathBuf)> {
         )));
     }
     if !path.is_dir() {
-        return Err(Error::Model(format!(
-            "{}: no such file or folder",
-            path.display()
-        )));
+        return Err(Error::Model(format!("{}: no such file or folder", path.display())));
     }
     if path.join("config.json").is_file() {
         return Ok((ModelFormat::HfFolder, path.to_path_buf()));
     }
-    let ggufs: Vec<PathBuf> = list_dir(path)?
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
-        .collect();
+    let ggufs: Vec<PathBuf> =
+        list_dir(path)?.into_iter().filter(|p| p.extension().is_some_and(|e| e == "gguf")).collect();
     match ggufs.as_slice() {
         [one] => Ok((ModelFormat::Gguf, one.clone())),
-        [] => Err(Error::Model(format!(
-            "{}: holds neither config.json nor a .gguf file",
-            path.display()
-        ))),
-        _ => Err(Error::Model(format!(
-            "{}: holds several .gguf files; name one",
-            path.display()
-        ))),
+        [] => Err(Error::Model(format!("{}: holds neither config.json nor a .gguf file", path.display()))),
+        _ => Err(Error::Model(format!("{}: holds several .gguf files; name one", path.display()))),
     }
 }
 
 fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
+    let mut v: Vec<PathBuf> =
+        std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
     v.sort();
     Ok(v)
 }
@@ -211,12 +171,9 @@ type Loaded = (ArchConfig, WeightMap, TextTokenizer, Vec<PathBuf>);
 fn load_hf(dir: &Path, device: &Device) -> Result<Loaded> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let arch = ArchConfig::from_hf_json(&text)
-        .map_err(|e| Error::Model(format!("{}: {e}", cfg_path.display())))?;
-    let files: Vec<PathBuf> = list_dir(dir)?
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
+    let arch = ArchConfig::from_hf_json(&text).map_err(|e| Error::Model(format!("{}: {e}", cfg_path.display())))?;
+    let files: Vec<PathBuf> =
+        list_dir(dir)?.into_iter().filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
     if files.is_empty() {
         return Err(Error::Model(format!(
             "{}: no *.safetensors weights (PyTorch .bin checkpoints are not supported)",
@@ -225,8 +182,8 @@ fn load_hf(dir: &Path, device: &Device) -> Result<Loaded> {
     }
     let mut tensors = HashMap::new();
     for f in &files {
-        let part = candle_core::safetensors::load(f, device)
-            .map_err(|e| Error::Model(format!("{}: {e}", f.display())))?;
+        let part =
+            candle_core::safetensors::load(f, device).map_err(|e| Error::Model(format!("{}: {e}", f.display())))?;
         tensors.extend(part);
     }
     let tokenizer = TextTokenizer::from_hf_dir(dir)?;
@@ -266,9 +223,7 @@ pub fn llama_config_from_gguf(ct: &gguf_file::Content) -> Result<LlamaConfig> {
         .cloned()
         .ok_or_else(|| Error::Model("GGUF metadata lacks general.architecture".into()))?;
     if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
-        return Err(Error::Model(format!(
-            "GGUF architecture `{arch}` is not supported (llama, mistral, qwen2)"
-        )));
+        return Err(Error::Model(format!("GGUF architecture `{arch}` is not supported (llama, mistral, qwen2)")));
     }
     let req = |k: &str| {
         md_u64(ct, &format!("{arch}.{k}"))
@@ -277,9 +232,8 @@ pub fn llama_config_from_gguf(ct: &gguf_file::Content) -> Result<LlamaConfig> {
     };
     let hidden = req("embedding_length")?;
     let heads = req("attention.head_count")?;
-    let head_dim = md_u64(ct, &format!("{arch}.attention.key_length"))
-        .map(|v| v as usize)
-        .unwrap_or(hidden / heads.max(1));
+    let head_dim =
+        md_u64(ct, &format!("{arch}.attention.key_length")).map(|v| v as usize).unwrap_or(hidden / heads.max(1));
     let vocab = match md_u64(ct, &format!("{arch}.vocab_size")) {
         Some(v) => v as usize,
         None => ct
@@ -300,17 +254,14 @@ pub fn llama_config_from_gguf(ct: &gguf_file::Content) -> Result<LlamaConfig> {
             .map(|v| v as usize)
             .unwrap_or(heads),
         head_dim,
-        rms_norm_eps: md_f64(ct, &format!("{arch}.attention.layer_norm_rms_epsilon"))
-            .unwrap_or(1e-5),
+        rms_norm_eps: md_f64(ct, &format!("{arch}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
         rope_theta: md_f64(ct, &format!("{arch}.rope.freq_base")).unwrap_or(10_000.0),
         rope_scaling: None,
         max_position_embeddings: req("context_length").unwrap_or(4096),
         tie_word_embeddings: !ct.tensor_infos.contains_key("output.weight"),
         attention_bias: ct.tensor_infos.contains_key("blk.0.attn_q.bias"),
         bos_token_id: md_u64(ct, "tokenizer.ggml.bos_token_id").map(|v| v as u32),
-        eos_token_ids: md_u64(ct, "tokenizer.ggml.eos_token_id")
-            .map(|v| vec![v as u32])
-            .unwrap_or_default(),
+        eos_token_ids: md_u64(ct, "tokenizer.ggml.eos_token_id").map(|v| vec![v as u32]).unwrap_or_default(),
         pad_token_id: md_u64(ct, "tokenizer.ggml.padding_token_id").map(|v| v as u32),
     };
     if ct.tensor_infos.contains_key("rope_freqs.weight") {
@@ -329,15 +280,9 @@ pub fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
     let rows = dims[0];
     let cols: usize = dims[1..].iter().product::<usize>().max(1);
     if heads == 0 || rows % (2 * heads) != 0 {
-        return Err(Error::tensor(
-            "attn_q/attn_k",
-            format!("{rows} rows cannot be split into {heads} heads of pairs"),
-        ));
+        return Err(Error::tensor("attn_q/attn_k", format!("{rows} rows cannot be split into {heads} heads of pairs")));
     }
-    let t = w
-        .reshape((heads, rows / heads / 2, 2, cols))?
-        .transpose(1, 2)?
-        .contiguous()?;
+    let t = w.reshape((heads, rows / heads / 2, 2, cols))?.transpose(1, 2)?.contiguous()?;
     Ok(t.reshape(dims)?)
 }
 
@@ -369,10 +314,8 @@ fn hf_name(gguf: &str) -> Option<String> {
 
 fn load_gguf(file: &Path, device: &Device) -> Result<Loaded> {
     let mut f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
-    let ct = gguf_file::Content::read(&mut f)
-        .map_err(|e| Error::Model(format!("{}: {e}", file.display())))?;
-    let cfg = llama_config_from_gguf(&ct)
-        .map_err(|e| Error::Model(format!("{}: {e}", file.display())))?;
+    let ct = gguf_file::Content::read(&mut f).map_err(|e| Error::Model(format!("{}: {e}", file.display())))?;
+    let cfg = llama_config_from_gguf(&ct).map_err(|e| Error::Model(format!("{}: {e}", file.display())))?;
     let permuted = matches!(cfg.model_type.as_str(), "llama" | "mistral");
     let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
     names.sort();
@@ -394,12 +337,7 @@ fn load_gguf(file: &Path, device: &Device) -> Result<Loaded> {
         tensors.insert(hf, t);
     }
     let tokenizer = TextTokenizer::from_gguf(&ct)?;
-    Ok((
-        ArchConfig::Llama(cfg),
-        WeightMap::new(tensors)?,
-        tokenizer,
-        vec![file.to_path_buf()],
-    ))
+    Ok((ArchConfig::Llama(cfg), WeightMap::new(tensors)?, tokenizer, vec![file.to_path_buf()]))
 }
 
 #[cfg(test)]
@@ -410,10 +348,7 @@ mod tests {
     fn unpermute_inverts_llama_cpp_permute() {
         let dev = Device::Cpu;
         let (heads, hd, cols) = (3, 4, 5);
-        let w = Tensor::arange(0f32, (heads * hd * cols) as f32, &dev)
-            .unwrap()
-            .reshape((heads * hd, cols))
-            .unwrap();
+        let w = Tensor::arange(0f32, (heads * hd * cols) as f32, &dev).unwrap().reshape((heads * hd, cols)).unwrap();
         // llama.cpp: w.reshape(n_head, 2, rows//n_head//2, cols).swapaxes(1, 2).reshape(rows, cols)
         let permuted = w
             .reshape((heads, 2, hd / 2, cols))
@@ -431,34 +366,21 @@ mod tests {
 
     #[test]
     fn gguf_names_map_to_hf() {
-        assert_eq!(
-            hf_name("blk.3.attn_q.weight").unwrap(),
-            "model.layers.3.self_attn.q_proj.weight"
-        );
-        assert_eq!(
-            hf_name("blk.0.ffn_down.weight").unwrap(),
-            "model.layers.0.mlp.down_proj.weight"
-        );
-        assert_eq!(
-            hf_name("blk.1.attn_k.bias").unwrap(),
-            "model.layers.1.self_attn.k_proj.bias"
-        );
+        assert_eq!(hf_name("blk.3.attn_q.weight").unwrap(), "model.layers.3.self_attn.q_proj.weight");
+        assert_eq!(hf_name("blk.0.ffn_down.weight").unwrap(), "model.layers.0.mlp.down_proj.weight");
+        assert_eq!(hf_name("blk.1.attn_k.bias").unwrap(), "model.layers.1.self_attn.k_proj.bias");
         assert!(hf_name("rope_freqs.weight").is_none());
     }
 
     #[test]
     fn missing_paths_are_clear_errors() {
-        let e = resolve(Path::new("/nonexistent/model"))
-            .unwrap_err()
-            .to_string();
+        let e = resolve(Path::new("/nonexistent/model")).unwrap_err().to_string();
         assert!(e.contains("no such file"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let e = resolve(dir.path()).unwrap_err().to_string();
         assert!(e.contains("neither config.json"), "{e}");
         std::fs::write(dir.path().join("config.json"), r#"{"model_type":"bert"}"#).unwrap();
-        let e = load_model(dir.path(), &Device::Cpu, &LoadOptions::default())
-            .unwrap_err()
-            .to_string();
+        let e = load_model(dir.path(), &Device::Cpu, &LoadOptions::default()).unwrap_err().to_string();
         assert!(e.contains("vocab_size"), "{e}");
     }
 }

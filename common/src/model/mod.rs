@@ -85,20 +85,12 @@ impl Model {
     /// The linear layers `cfg` targets.
     pub fn targeted(&self, cfg: &AdapterConfig) -> Result<Vec<&AdaptedLinear>> {
         let kinds = cfg.resolve_targets(self.target_kinds())?;
-        Ok(self
-            .linears()
-            .into_iter()
-            .filter(|l| kinds.contains(&l.kind()))
-            .collect())
+        Ok(self.linears().into_iter().filter(|l| kinds.contains(&l.kind())).collect())
     }
 
     /// Attaches adapters of `cfg` to every targeted layer (see [`AdaptedLinear::attach`]); returns how many
     /// layers were adapted. On error no layer is changed.
-    pub fn attach_adapters(
-        &mut self,
-        cfg: &AdapterConfig,
-        init: Option<&TensorSet>,
-    ) -> Result<usize> {
+    pub fn attach_adapters(&mut self, cfg: &AdapterConfig, init: Option<&TensorSet>) -> Result<usize> {
         let kinds = cfg.resolve_targets(self.target_kinds())?;
         let mut staged: Vec<AdaptedLinear> = Vec::new();
         for l in self.linears() {
@@ -176,17 +168,10 @@ impl Model {
         for (name, var) in &vars {
             let t = set.require(name)?;
             if t.dims() != var.dims() {
-                return Err(Error::tensor(
-                    name,
-                    format!("shape {:?}, expected {:?}", t.dims(), var.dims()),
-                ));
+                return Err(Error::tensor(name, format!("shape {:?}, expected {:?}", t.dims(), var.dims())));
             }
             crate::adapter::linear::check_finite(name, t)?;
-            staged.push((
-                var,
-                t.to_device(var.device())?
-                    .to_dtype(candle_core::DType::F32)?,
-            ));
+            staged.push((var, t.to_device(var.device())?.to_dtype(candle_core::DType::F32)?));
         }
         for (var, t) in staged {
             var.set(&t)?;

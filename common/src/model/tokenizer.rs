@@ -51,16 +51,13 @@ fn tok_err(e: impl std::fmt::Display) -> Error {
 }
 
 const REGEX_LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const REGEX_QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const REGEX_QWEN2: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn split(regex: &str) -> Result<PreTokenizerWrapper> {
-    Ok(Split::new(
-        SplitPattern::Regex(regex.to_string()),
-        SplitDelimiterBehavior::Isolated,
-        false,
-    )
-    .map_err(tok_err)?
-    .into())
+    Ok(Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false)
+        .map_err(tok_err)?
+        .into())
 }
 
 impl TextTokenizer {
@@ -68,24 +65,16 @@ impl TextTokenizer {
     /// beside it when present.
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let mut inner = Tokenizer::from_file(&path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let mut inner =
+            Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         // Batching pads and truncates itself; a tokenizer.json's own padding (e.g. to 128) would waste compute.
         inner.with_padding(None);
         inner.with_truncation(None).map_err(tok_err)?;
-        let mut t = Self {
-            inner,
-            chat_template: None,
-            bos: None,
-            eos: None,
-            pad_id: None,
-        };
+        let mut t = Self { inner, chat_template: None, bos: None, eos: None, pad_id: None };
         let cfg_path = dir.join("tokenizer_config.json");
         if let Ok(text) = std::fs::read_to_string(&cfg_path) {
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
-                context: cfg_path.display().to_string(),
-                source: e,
-            })?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::Json { context: cfg_path.display().to_string(), source: e })?;
             let token_str = |k: &str| -> Option<String> {
                 match v.get(k)? {
                     serde_json::Value::String(s) => Some(s.clone()),
@@ -93,8 +82,7 @@ impl TextTokenizer {
                     _ => None,
                 }
             };
-            let with_id =
-                |s: Option<String>| s.and_then(|s| t.inner.token_to_id(&s).map(|id| (id, s)));
+            let with_id = |s: Option<String>| s.and_then(|s| t.inner.token_to_id(&s).map(|id| (id, s)));
             t.bos = with_id(token_str("bos_token"));
             t.eos = with_id(token_str("eos_token"));
             t.pad_id = token_str("pad_token").and_then(|s| t.inner.token_to_id(&s));
@@ -111,10 +99,7 @@ impl TextTokenizer {
     /// chat template from `tokenizer.chat_template`.
     pub fn from_gguf(ct: &gguf_file::Content) -> Result<Self> {
         let md = |k: &str| ct.metadata.get(k);
-        let model = md("tokenizer.ggml.model")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
+        let model = md("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
         if model != "gpt2" {
             return Err(Error::Tokenizer(format!(
                 "GGUF tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`); \
@@ -124,9 +109,7 @@ impl TextTokenizer {
         let strings = |k: &str| -> Result<Vec<String>> {
             let v = md(k).ok_or_else(|| Error::Tokenizer(format!("GGUF metadata lacks `{k}`")))?;
             let arr = v.to_vec().map_err(tok_err)?;
-            arr.iter()
-                .map(|x| x.to_string().map(|s| s.clone()).map_err(tok_err))
-                .collect()
+            arr.iter().map(|x| x.to_string().map(|s| s.clone()).map_err(tok_err)).collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
@@ -137,32 +120,17 @@ impl TextTokenizer {
                     .ok_or_else(|| tok_err(format!("bad merge `{m}`")))
             })
             .collect::<Result<_>>()?;
-        let vocab: tokenizers::models::bpe::Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(tok_err)?;
+        let vocab: tokenizers::models::bpe::Vocab =
+            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(tok_err)?;
         let mut inner = Tokenizer::new(bpe);
-        let pre = md("tokenizer.ggml.pre")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_else(|| "gpt2".into());
+        let pre = md("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_else(|| "gpt2".into());
         let byte_level = ByteLevel::new(false, true, false);
         let pre_tok: PreTokenizerWrapper = match pre.as_str() {
             // SmolLM2's tokenizer.json: split every digit, then the GPT-2 regex.
-            "smollm" => Sequence::new(vec![
-                Digits::new(true).into(),
-                ByteLevel::new(false, true, true).into(),
-            ])
-            .into(),
+            "smollm" => Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into(),
             "gpt2" | "default" => ByteLevel::new(false, true, true).into(),
-            "llama-bpe" | "llama3" | "smaug-bpe" => {
-                Sequence::new(vec![split(REGEX_LLAMA3)?, byte_level.into()]).into()
-            }
+            "llama-bpe" | "llama3" | "smaug-bpe" => Sequence::new(vec![split(REGEX_LLAMA3)?, byte_level.into()]).into(),
             "qwen2" => {
                 inner.with_normalizer(Some(NFC)).map_err(tok_err)?;
                 Sequence::new(vec![split(REGEX_QWEN2)?, byte_level.into()]).into()
@@ -180,10 +148,7 @@ impl TextTokenizer {
             let mut special = Vec::new();
             let mut added = Vec::new();
             for (i, ty) in types.iter().enumerate() {
-                let ty = ty
-                    .to_i32()
-                    .or_else(|_| ty.to_u32().map(|x| x as i32))
-                    .unwrap_or(1);
+                let ty = ty.to_i32().or_else(|_| ty.to_u32().map(|x| x as i32)).unwrap_or(1);
                 if let Some(tok) = tokens.get(i) {
                     match ty {
                         3 => special.push(AddedToken::from(tok.clone(), true)),
@@ -196,13 +161,10 @@ impl TextTokenizer {
             inner.add_tokens(added).map_err(tok_err)?;
         }
         let id = |k: &str| md(k).and_then(|v| v.to_u32().ok());
-        let named =
-            |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).map(|s| (i, s.clone())));
+        let named = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).map(|s| (i, s.clone())));
         Ok(Self {
             inner,
-            chat_template: md("tokenizer.chat_template")
-                .and_then(|v| v.to_string().ok())
-                .cloned(),
+            chat_template: md("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned(),
             bos: named(id("tokenizer.ggml.bos_token_id")),
             eos: named(id("tokenizer.ggml.eos_token_id")),
             pad_id: id("tokenizer.ggml.padding_token_id"),
@@ -212,9 +174,7 @@ impl TextTokenizer {
     /// Writes `tokenizer.json` and a `tokenizer_config.json` (special tokens, chat template) into `dir`.
     pub fn save_hf(&self, dir: &Path) -> Result<()> {
         let path = dir.join("tokenizer.json");
-        self.inner
-            .save(&path, false)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        self.inner.save(&path, false).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         let mut cfg = serde_json::json!({ "tokenizer_class": "PreTrainedTokenizerFast" });
         if let Some((_, b)) = &self.bos {
             cfg["bos_token"] = serde_json::json!(b);
@@ -228,10 +188,8 @@ impl TextTokenizer {
         if let Some(t) = &self.chat_template {
             cfg["chat_template"] = serde_json::json!(t);
         }
-        let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Json {
-            context: "tokenizer_config.json".into(),
-            source: e,
-        })?;
+        let text = serde_json::to_string_pretty(&cfg)
+            .map_err(|e| Error::Json { context: "tokenizer_config.json".into(), source: e })?;
         crate::tensors::write_atomic(&dir.join("tokenizer_config.json"), text.as_bytes())
     }
 
@@ -247,12 +205,7 @@ impl TextTokenizer {
 
     /// Token ids of `text`; `special` adds the tokenizer's own special tokens (e.g. BERT's [CLS]/[SEP]).
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
-        Ok(self
-            .inner
-            .encode(text, special)
-            .map_err(tok_err)?
-            .get_ids()
-            .to_vec())
+        Ok(self.inner.encode(text, special).map_err(tok_err)?.get_ids().to_vec())
     }
 
     /// Token ids and token-type ids of a text pair (with special tokens).
@@ -293,31 +246,18 @@ impl TextTokenizer {
 
     /// Renders `messages` with the model's chat template (Jinja, as Hugging Face does). `None` when the
     /// model has no template.
-    pub fn apply_chat_template(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<Option<String>> {
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Option<String>> {
         let Some(tpl) = &self.chat_template else {
             return Ok(None);
         };
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        env.add_template("chat", tpl)
-            .map_err(|e| Error::Tokenizer(format!("chat template: {e}")))?;
-        let t = env
-            .get_template("chat")
-            .map_err(|e| Error::Tokenizer(format!("chat template: {e}")))?;
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template("chat", tpl).map_err(|e| Error::Tokenizer(format!("chat template: {e}")))?;
+        let t = env.get_template("chat").map_err(|e| Error::Tokenizer(format!("chat template: {e}")))?;
         let out = t
             .render(minijinja::context! {
                 messages => messages,

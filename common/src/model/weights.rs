@@ -18,17 +18,10 @@ impl WeightMap {
     pub fn new(tensors: HashMap<String, Tensor>) -> Result<Self> {
         let mut out = HashMap::with_capacity(tensors.len());
         for (k, v) in tensors {
-            let v = if v.dtype() == DType::F32 || !v.dtype().is_float() {
-                v
-            } else {
-                v.to_dtype(DType::F32)?
-            };
+            let v = if v.dtype() == DType::F32 || !v.dtype().is_float() { v } else { v.to_dtype(DType::F32)? };
             out.insert(k, v);
         }
-        Ok(Self {
-            tensors: out,
-            prefix: String::new(),
-        })
+        Ok(Self { tensors: out, prefix: String::new() })
     }
 
     /// Sets a name prefix prepended to every lookup (e.g. `bert.`).
@@ -55,26 +48,16 @@ impl WeightMap {
     /// Removes and returns the tensor `name`, checking its shape.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let full = format!("{}{name}", self.prefix);
-        let t = self
-            .tensors
-            .remove(&full)
-            .ok_or_else(|| Error::tensor(&full, "missing from the checkpoint"))?;
+        let t = self.tensors.remove(&full).ok_or_else(|| Error::tensor(&full, "missing from the checkpoint"))?;
         if t.dims() != shape {
-            return Err(Error::tensor(
-                full,
-                format!("shape {:?}, expected {shape:?}", t.dims()),
-            ));
+            return Err(Error::tensor(full, format!("shape {:?}, expected {shape:?}", t.dims())));
         }
         Ok(t)
     }
 
     /// Like [`Self::take`] but `None` when absent.
     pub fn take_opt(&mut self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
-        if self.contains(name) {
-            self.take(name, shape).map(Some)
-        } else {
-            Ok(None)
-        }
+        if self.contains(name) { self.take(name, shape).map(Some) } else { Ok(None) }
     }
 
     /// The first of `names` that exists, taken.
@@ -84,10 +67,7 @@ impl WeightMap {
                 return self.take(n, shape);
             }
         }
-        Err(Error::tensor(
-            format!("{}{}", self.prefix, names.join(" | ")),
-            "missing from the checkpoint",
-        ))
+        Err(Error::tensor(format!("{}{}", self.prefix, names.join(" | ")), "missing from the checkpoint"))
     }
 
     /// Names not consumed yet.

@@ -51,11 +51,8 @@ impl Example {
     /// Parses one JSONL line. The shape is chosen by its keys (`label` → classification, `prompt` →
     /// instruction, else `text` → plain text); other keys are ignored.
     pub fn from_json_line(line: &str) -> Result<Self> {
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| Error::Data(format!("not JSON: {e}")))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| Error::Data("expected a JSON object".into()))?;
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::Data(format!("not JSON: {e}")))?;
+        let obj = v.as_object().ok_or_else(|| Error::Data("expected a JSON object".into()))?;
         let string = |k: &str| -> Result<Option<String>> {
             match obj.get(k) {
                 None | Some(serde_json::Value::Null) => Ok(None),
@@ -64,39 +61,26 @@ impl Example {
             }
         };
         if let Some(label) = obj.get("label") {
-            let label = label.as_u64().ok_or_else(|| {
-                Error::Data(format!(
-                    "`label` must be a class index (0, 1, ...), got {label}"
-                ))
-            })?;
-            let text = string("text")?
-                .ok_or_else(|| Error::Data("a labelled example needs `text`".into()))?;
-            return Ok(Example::Classification {
-                text,
-                text_pair: string("text_pair")?,
-                label: label as usize,
-            });
+            let label = label
+                .as_u64()
+                .ok_or_else(|| Error::Data(format!("`label` must be a class index (0, 1, ...), got {label}")))?;
+            let text = string("text")?.ok_or_else(|| Error::Data("a labelled example needs `text`".into()))?;
+            return Ok(Example::Classification { text, text_pair: string("text_pair")?, label: label as usize });
         }
         if obj.contains_key("prompt") || obj.contains_key("response") {
-            let prompt = string("prompt")?
-                .ok_or_else(|| Error::Data("an instruction example needs `prompt`".into()))?;
-            let response = string("response")?
-                .ok_or_else(|| Error::Data("an instruction example needs `response`".into()))?;
+            let prompt =
+                string("prompt")?.ok_or_else(|| Error::Data("an instruction example needs `prompt`".into()))?;
+            let response =
+                string("response")?.ok_or_else(|| Error::Data("an instruction example needs `response`".into()))?;
             let answer = match obj.get("answer") {
                 Some(serde_json::Value::Number(n)) => Some(n.to_string()),
                 _ => string("answer")?,
             };
-            return Ok(Example::Instruction {
-                prompt,
-                response,
-                answer,
-            });
+            return Ok(Example::Instruction { prompt, response, answer });
         }
         match string("text")? {
             Some(text) => Ok(Example::Text { text }),
-            None => Err(Error::Data(
-                "expected {\"text\", \"label\"}, {\"prompt\", \"response\"} or {\"text\"}".into(),
-            )),
+            None => Err(Error::Data("expected {\"text\", \"label\"}, {\"prompt\", \"response\"} or {\"text\"}".into())),
         }
     }
 
@@ -130,8 +114,7 @@ impl Dataset {
             if line.trim().is_empty() {
                 continue;
             }
-            let ex = Example::from_json_line(line)
-                .map_err(|e| Error::Data(format!("line {}: {e}", i + 1)))?;
+            let ex = Example::from_json_line(line).map_err(|e| Error::Data(format!("line {}: {e}", i + 1)))?;
             if let Some(first) = examples.first()
                 && std::mem::discriminant(first) != std::mem::discriminant(&ex)
             {
@@ -181,9 +164,7 @@ impl Dataset {
 
     /// The first `n` examples (all if fewer).
     pub fn take(&self, n: usize) -> Self {
-        Self {
-            examples: self.examples.iter().take(n).cloned().collect(),
-        }
+        Self { examples: self.examples.iter().take(n).cloned().collect() }
     }
 }
 
@@ -225,20 +206,13 @@ pub struct Encoder<'a> {
 impl<'a> Encoder<'a> {
     /// An encoder for `task` with sequences of at most `max_len` tokens.
     pub fn new(tokenizer: &'a TextTokenizer, task: TaskKind, max_len: usize) -> Self {
-        Self {
-            tokenizer,
-            task,
-            max_len,
-        }
+        Self { tokenizer, task, max_len }
     }
 
     /// The prompt as the model sees it before its answer: the chat template with the generation prompt,
     /// or the bare prompt and a newline when the model has no template.
     pub fn prompt_text(&self, prompt: &str) -> Result<String> {
-        let msgs = [ChatMessage {
-            role: "user".into(),
-            content: prompt.into(),
-        }];
+        let msgs = [ChatMessage { role: "user".into(), content: prompt.into() }];
         Ok(match self.tokenizer.apply_chat_template(&msgs, true)? {
             Some(s) => s,
             None => format!("{prompt}\n"),
@@ -248,14 +222,8 @@ impl<'a> Encoder<'a> {
     /// The text of the response that follows [`Self::prompt_text`], end-of-turn marker included.
     fn response_text(&self, prompt: &str, response: &str) -> Result<String> {
         let msgs = [
-            ChatMessage {
-                role: "user".into(),
-                content: prompt.into(),
-            },
-            ChatMessage {
-                role: "assistant".into(),
-                content: response.into(),
-            },
+            ChatMessage { role: "user".into(), content: prompt.into() },
+            ChatMessage { role: "assistant".into(), content: response.into() },
         ];
         let prefix = self.prompt_text(prompt)?;
         match self.tokenizer.apply_chat_template(&msgs, false)? {
@@ -263,15 +231,9 @@ impl<'a> Encoder<'a> {
                 Some(rest) => Ok(rest.to_string()),
                 // Templates that render the reply differently from the generation prompt: fall back to the
                 // reply followed by the end-of-sequence token.
-                None => Ok(format!(
-                    "{response}{}",
-                    self.tokenizer.eos_token().unwrap_or("")
-                )),
+                None => Ok(format!("{response}{}", self.tokenizer.eos_token().unwrap_or(""))),
             },
-            None => Ok(format!(
-                "{response}{}",
-                self.tokenizer.eos_token().unwrap_or("")
-            )),
+            None => Ok(format!("{response}{}", self.tokenizer.eos_token().unwrap_or(""))),
         }
     }
 
@@ -281,14 +243,7 @@ impl<'a> Encoder<'a> {
             return Err(Error::Config("max_len must be at least 2".into()));
         }
         match (self.task, ex) {
-            (
-                TaskKind::Classification,
-                Example::Classification {
-                    text,
-                    text_pair,
-                    label,
-                },
-            ) => {
+            (TaskKind::Classification, Example::Classification { text, text_pair, label }) => {
                 let (mut ids, mut type_ids) = match text_pair {
                     Some(p) => self.tokenizer.encode_pair(text, p)?,
                     None => {
@@ -306,22 +261,11 @@ impl<'a> Encoder<'a> {
                         *l = last;
                     }
                 }
-                Ok(Encoded {
-                    ids,
-                    type_ids,
-                    target: Target::Class(*label as u32),
-                })
+                Ok(Encoded { ids, type_ids, target: Target::Class(*label as u32) })
             }
-            (
-                TaskKind::CausalLm,
-                Example::Instruction {
-                    prompt, response, ..
-                },
-            ) => {
+            (TaskKind::CausalLm, Example::Instruction { prompt, response, .. }) => {
                 let p = self.tokenizer.encode(&self.prompt_text(prompt)?, false)?;
-                let r = self
-                    .tokenizer
-                    .encode(&self.response_text(prompt, response)?, false)?;
+                let r = self.tokenizer.encode(&self.response_text(prompt, response)?, false)?;
                 if p.len() + 1 >= self.max_len {
                     return Err(Error::Data(format!(
                         "a prompt of {} tokens leaves no room for a response within max_len {}",
@@ -337,35 +281,22 @@ impl<'a> Encoder<'a> {
                 for i in p.len().saturating_sub(1)..n - 1 {
                     labels[i] = ids[i + 1] as i64;
                 }
-                Ok(Encoded {
-                    ids,
-                    type_ids: vec![0; n],
-                    target: Target::NextTokens(labels),
-                })
+                Ok(Encoded { ids, type_ids: vec![0; n], target: Target::NextTokens(labels) })
             }
             (TaskKind::CausalLm, Example::Text { text }) => {
                 let mut ids = self.tokenizer.encode(text, false)?;
                 ids.truncate(self.max_len);
                 let n = ids.len();
                 if n < 2 {
-                    return Err(Error::Data(
-                        "a text of fewer than 2 tokens has nothing to predict".into(),
-                    ));
+                    return Err(Error::Data("a text of fewer than 2 tokens has nothing to predict".into()));
                 }
                 let mut labels = vec![IGNORE; n];
                 for i in 0..n - 1 {
                     labels[i] = ids[i + 1] as i64;
                 }
-                Ok(Encoded {
-                    ids,
-                    type_ids: vec![0; n],
-                    target: Target::NextTokens(labels),
-                })
+                Ok(Encoded { ids, type_ids: vec![0; n], target: Target::NextTokens(labels) })
             }
-            (task, ex) => Err(Error::Data(format!(
-                "a {} example cannot train a {task:?} model",
-                ex.shape()
-            ))),
+            (task, ex) => Err(Error::Data(format!("a {} example cannot train a {task:?} model", ex.shape()))),
         }
     }
 
@@ -374,10 +305,7 @@ impl<'a> Encoder<'a> {
         ds.examples
             .iter()
             .enumerate()
-            .map(|(i, e)| {
-                self.encode(e)
-                    .map_err(|err| Error::Data(format!("example {}: {err}", i + 1)))
-            })
+            .map(|(i, e)| self.encode(e).map_err(|err| Error::Data(format!("example {}: {err}", i + 1))))
             .collect()
     }
 }
@@ -419,16 +347,16 @@ impl Batch {
 
     /// Pads `examples` to their longest length with `pad_id` and moves them to `device`.
     pub fn collate(examples: &[&Encoded], pad_id: u32, device: &Device) -> Result<Self> {
+        Self::collate_to(examples, pad_id, 0, device)
+    }
+
+    /// Like [`Self::collate`], padding to at least `min_len` positions (fixed shapes for benchmarks).
+    pub fn collate_to(examples: &[&Encoded], pad_id: u32, min_len: usize, device: &Device) -> Result<Self> {
         let b = examples.len();
         if b == 0 {
             return Err(Error::Data("empty batch".into()));
         }
-        let t = examples
-            .iter()
-            .map(|e| e.ids.len())
-            .max()
-            .unwrap_or(0)
-            .max(1);
+        let t = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0).max(min_len).max(1);
         let mut ids = vec![pad_id; b * t];
         let mut types = vec![0u32; b * t];
         let mut mask = vec![0u32; b * t];
@@ -437,9 +365,7 @@ impl Batch {
             ids[i * t..i * t + e.ids.len()].copy_from_slice(&e.ids);
             let tl = e.type_ids.len().min(e.ids.len());
             types[i * t..i * t + tl].copy_from_slice(&e.type_ids[..tl]);
-            mask[i * t..i * t + e.ids.len()]
-                .iter_mut()
-                .for_each(|m| *m = 1);
+            mask[i * t..i * t + e.ids.len()].iter_mut().for_each(|m| *m = 1);
             real += e.ids.len();
         }
         let target = match &examples[0].target {
@@ -496,11 +422,7 @@ pub fn epoch_order(n: usize, seed: u64, shuffle: bool) -> Vec<usize> {
 pub fn extract_final_answer(text: &str) -> Option<String> {
     let clean = |s: &str| -> Option<String> {
         let s: String = s.chars().filter(|c| *c != ',' && *c != '$').collect();
-        let tok = s
-            .split_whitespace()
-            .next()?
-            .trim_end_matches('.')
-            .to_string();
+        let tok = s.split_whitespace().next()?.trim_end_matches('.').to_string();
         if tok.is_empty() { None } else { Some(tok) }
     };
     if let Some(idx) = text.rfind("####") {
@@ -540,27 +462,20 @@ mod tests {
 
     #[test]
     fn parses_the_three_shapes_and_refuses_mixes() {
-        let c = Dataset::parse_jsonl(
-            "{\"text\":\"a\",\"label\":1}\n{\"text\":\"b\",\"text_pair\":\"c\",\"label\":2}\n",
-        )
-        .unwrap();
+        let c =
+            Dataset::parse_jsonl("{\"text\":\"a\",\"label\":1}\n{\"text\":\"b\",\"text_pair\":\"c\",\"label\":2}\n")
+                .unwrap();
         assert_eq!(c.num_labels(), Some(3));
         assert_eq!(c.task(), TaskKind::Classification);
         let i = Dataset::parse_jsonl("{\"prompt\":\"q\",\"response\":\"r\"}\n").unwrap();
         assert_eq!(i.task(), TaskKind::CausalLm);
         let t = Dataset::parse_jsonl("{\"text\":\"plain\"}\n").unwrap();
         assert!(matches!(t.examples[0], Example::Text { .. }));
-        let e = Dataset::parse_jsonl("{\"text\":\"a\",\"label\":1}\n{\"text\":\"plain\"}\n")
-            .unwrap_err()
-            .to_string();
+        let e = Dataset::parse_jsonl("{\"text\":\"a\",\"label\":1}\n{\"text\":\"plain\"}\n").unwrap_err().to_string();
         assert!(e.contains("line 2"), "{e}");
-        let e = Dataset::parse_jsonl("{\"text\":\"a\",\"label\":-1}\n")
-            .unwrap_err()
-            .to_string();
+        let e = Dataset::parse_jsonl("{\"text\":\"a\",\"label\":-1}\n").unwrap_err().to_string();
         assert!(e.contains("line 1") && e.contains("class index"), "{e}");
-        let e = Dataset::parse_jsonl("{\"prompt\":\"a\"}\n")
-            .unwrap_err()
-            .to_string();
+        let e = Dataset::parse_jsonl("{\"prompt\":\"a\"}\n").unwrap_err().to_string();
         assert!(e.contains("response"), "{e}");
         let extra = Dataset::parse_jsonl("{\"id\":7,\"text\":\"a\",\"label\":0}\n").unwrap();
         assert_eq!(extra.num_labels(), Some(1));
@@ -569,54 +484,25 @@ mod tests {
 
     #[test]
     fn collate_pads_and_masks() {
-        let a = Encoded {
-            ids: vec![5, 6, 7],
-            type_ids: vec![0; 3],
-            target: Target::NextTokens(vec![6, 7, IGNORE]),
-        };
-        let b = Encoded {
-            ids: vec![8],
-            type_ids: vec![0],
-            target: Target::NextTokens(vec![IGNORE]),
-        };
+        let a = Encoded { ids: vec![5, 6, 7], type_ids: vec![0; 3], target: Target::NextTokens(vec![6, 7, IGNORE]) };
+        let b = Encoded { ids: vec![8], type_ids: vec![0], target: Target::NextTokens(vec![IGNORE]) };
         let batch = Batch::collate(&[&a, &b], 0, &Device::Cpu).unwrap();
-        assert_eq!(
-            batch.ids.to_vec2::<u32>().unwrap(),
-            vec![vec![5, 6, 7], vec![8, 0, 0]]
-        );
-        assert_eq!(
-            batch.mask.to_vec2::<u32>().unwrap(),
-            vec![vec![1, 1, 1], vec![1, 0, 0]]
-        );
+        assert_eq!(batch.ids.to_vec2::<u32>().unwrap(), vec![vec![5, 6, 7], vec![8, 0, 0]]);
+        assert_eq!(batch.mask.to_vec2::<u32>().unwrap(), vec![vec![1, 1, 1], vec![1, 0, 0]]);
         assert_eq!(batch.real_tokens, 4);
-        let BatchTarget::NextTokens(rows) = batch.target else {
-            panic!()
-        };
+        let BatchTarget::NextTokens(rows) = batch.target else { panic!() };
         assert_eq!(rows[1], vec![IGNORE; 3]);
-        let c = Encoded {
-            ids: vec![1],
-            type_ids: vec![0],
-            target: Target::Class(1),
-        };
+        let c = Encoded { ids: vec![1], type_ids: vec![0], target: Target::Class(1) };
         assert!(Batch::collate(&[&a, &c], 0, &Device::Cpu).is_err());
         assert!(Batch::collate(&[], 0, &Device::Cpu).is_err());
     }
 
     #[test]
     fn final_answers() {
-        assert_eq!(
-            extract_final_answer("so 9 * 2 = 18.\n#### 1,800").as_deref(),
-            Some("1800")
-        );
+        assert_eq!(extract_final_answer("so 9 * 2 = 18.\n#### 1,800").as_deref(), Some("1800"));
         assert_eq!(extract_final_answer("#### $18.").as_deref(), Some("18"));
-        assert_eq!(
-            extract_final_answer("The answer is 42.").as_deref(),
-            Some("42")
-        );
-        assert_eq!(
-            extract_final_answer("It costs -3.5 dollars").as_deref(),
-            Some("-3.5")
-        );
+        assert_eq!(extract_final_answer("The answer is 42.").as_deref(), Some("42"));
+        assert_eq!(extract_final_answer("It costs -3.5 dollars").as_deref(), Some("-3.5"));
         assert_eq!(extract_final_answer("no numbers"), None);
         assert!(answers_match("18", "18.0"));
         assert!(!answers_match("18", "19"));

@@ -22,12 +22,7 @@ pub struct EvalReport {
 }
 
 /// Mean loss and accuracy of `model` on `data`, in batches of `batch_size`.
-pub fn evaluate(
-    model: &Model,
-    data: &[Encoded],
-    batch_size: usize,
-    pad_id: u32,
-) -> Result<EvalReport> {
+pub fn evaluate(model: &Model, data: &[Encoded], batch_size: usize, pad_id: u32) -> Result<EvalReport> {
     if data.is_empty() {
         return Err(Error::Data("no evaluation examples".into()));
     }
@@ -82,23 +77,13 @@ pub fn exact_match(
     stop.extend(enc.tokenizer.eos_id());
     let (mut correct, mut total, mut gen_tokens) = (0, 0, 0);
     for (i, ex) in examples.iter().enumerate() {
-        let Example::Instruction {
-            prompt,
-            response,
-            answer,
-        } = ex
-        else {
-            return Err(Error::Data(
-                "exact match needs prompt/response examples".into(),
-            ));
+        let Example::Instruction { prompt, response, answer } = ex else {
+            return Err(Error::Data("exact match needs prompt/response examples".into()));
         };
         let reference = match answer.clone().or_else(|| extract_final_answer(response)) {
             Some(a) => a,
             None => {
-                return Err(Error::Data(format!(
-                    "example {}: no reference answer",
-                    i + 1
-                )));
+                return Err(Error::Data(format!("example {}: no reference answer", i + 1)));
             }
         };
         let ids = enc.tokenizer.encode(&enc.prompt_text(prompt)?, false)?;

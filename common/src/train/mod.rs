@@ -34,34 +34,20 @@ pub fn batch_loss(model: &Model, batch: &Batch) -> Result<LossOut> {
     match (model, &batch.target) {
         (Model::CausalLm(m), BatchTarget::NextTokens(labels)) => {
             let (loss, count) = m.lm_loss(&batch.ids, Some(&batch.mask), labels)?;
-            Ok(LossOut {
-                loss,
-                count,
-                correct: None,
-            })
+            Ok(LossOut { loss, count, correct: None })
         }
         (Model::Classifier(c), BatchTarget::Classes(y)) => {
             let num_labels = c.num_labels() as u32;
             let ys = y.to_vec1::<u32>()?;
             if let Some(bad) = ys.iter().find(|l| **l >= num_labels) {
-                return Err(Error::Data(format!(
-                    "label {bad} but the classifier has {num_labels} classes"
-                )));
+                return Err(Error::Data(format!("label {bad} but the classifier has {num_labels} classes")));
             }
-            let h = c
-                .encoder
-                .forward(&batch.ids, Some(&batch.type_ids), Some(&batch.mask))?;
+            let h = c.encoder.forward(&batch.ids, Some(&batch.type_ids), Some(&batch.mask))?;
             let logits = c.head_logits(&mean_pool(&h, Some(&batch.mask))?)?;
             let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
             let correct = pred.iter().zip(&ys).filter(|(p, y)| p == y).count();
-            Ok(LossOut {
-                loss: cross_entropy(&logits, y)?,
-                count: ys.len(),
-                correct: Some(correct),
-            })
+            Ok(LossOut { loss: cross_entropy(&logits, y)?, count: ys.len(), correct: Some(correct) })
         }
-        _ => Err(Error::Data(
-            "the batch's targets do not match the model's task".into(),
-        )),
+        _ => Err(Error::Data("the batch's targets do not match the model's task".into())),
     }
 }

@@ -20,9 +20,7 @@ impl std::str::FromStr for ScheduleKind {
             "cosine" => Ok(Self::Cosine),
             "linear" => Ok(Self::Linear),
             "constant" => Ok(Self::Constant),
-            o => Err(crate::Error::Config(format!(
-                "unknown schedule `{o}` (cosine, linear, constant)"
-            ))),
+            o => Err(crate::Error::Config(format!("unknown schedule `{o}` (cosine, linear, constant)"))),
         }
     }
 }
@@ -44,12 +42,7 @@ impl LrSchedule {
     /// A schedule whose warm-up is `ceil(warmup_ratio · total)` steps.
     pub fn new(peak: f64, warmup_ratio: f64, total: usize, kind: ScheduleKind) -> Self {
         let warmup = ((warmup_ratio.clamp(0.0, 1.0) * total as f64).ceil() as usize).min(total);
-        Self {
-            peak,
-            warmup,
-            total,
-            kind,
-        }
+        Self { peak, warmup, total, kind }
     }
 
     /// The learning rate of optimizer step `step` (1-based). Step 1 of a warm-up uses `peak / warmup`
@@ -64,9 +57,7 @@ impl LrSchedule {
         match self.kind {
             ScheduleKind::Constant => self.peak,
             ScheduleKind::Linear => self.peak * (1.0 - progress),
-            ScheduleKind::Cosine => {
-                self.peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
-            }
+            ScheduleKind::Cosine => self.peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
         }
     }
 
@@ -90,9 +81,6 @@ mod tests {
         assert!(s.lr(100).abs() < 1e-12);
         let l = LrSchedule::new(1.0, 0.0, 4, ScheduleKind::Linear);
         assert_eq!([l.lr(1), l.lr(2), l.lr(4)], [0.75, 0.5, 0.0]);
-        assert_eq!(
-            LrSchedule::new(2.0, 0.0, 3, ScheduleKind::Constant).lr(3),
-            2.0
-        );
+        assert_eq!(LrSchedule::new(2.0, 0.0, 3, ScheduleKind::Constant).lr(3), 2.0);
     }
 }

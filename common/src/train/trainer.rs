@@ -59,32 +59,18 @@ impl TrainConfig {
     /// Checks the settings.
     pub fn validate(&self) -> Result<()> {
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            return Err(Error::Config(format!(
-                "learning rate must be positive, got {}",
-                self.lr
-            )));
+            return Err(Error::Config(format!("learning rate must be positive, got {}", self.lr)));
         }
         if self.batch_size == 0 || self.grad_accum == 0 {
-            return Err(Error::Config(
-                "batch size and gradient accumulation must be at least 1".into(),
-            ));
+            return Err(Error::Config("batch size and gradient accumulation must be at least 1".into()));
         }
         if self.max_steps.is_none() && !(self.epochs.is_finite() && self.epochs > 0.0) {
-            return Err(Error::Config(format!(
-                "epochs must be positive, got {}",
-                self.epochs
-            )));
+            return Err(Error::Config(format!("epochs must be positive, got {}", self.epochs)));
         }
         if !(0.0..=1.0).contains(&self.warmup_ratio) {
-            return Err(Error::Config(format!(
-                "warmup ratio must be in [0, 1], got {}",
-                self.warmup_ratio
-            )));
+            return Err(Error::Config(format!("warmup ratio must be in [0, 1], got {}", self.warmup_ratio)));
         }
-        if self
-            .max_grad_norm
-            .is_some_and(|c| !(c.is_finite() && c > 0.0))
-        {
+        if self.max_grad_norm.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
             return Err(Error::Config("max_grad_norm must be positive".into()));
         }
         Ok(())
@@ -101,12 +87,7 @@ impl TrainConfig {
 
     /// The learning-rate schedule for `n` examples.
     pub fn schedule_for(&self, n: usize) -> LrSchedule {
-        LrSchedule::new(
-            self.lr,
-            self.warmup_ratio,
-            self.total_steps(n),
-            self.schedule,
-        )
+        LrSchedule::new(self.lr, self.warmup_ratio, self.total_steps(n), self.schedule)
     }
 }
 
@@ -148,9 +129,115 @@ pub struct TrainSummary {
     pub final_loss: f64,
 }
 
-/// Trains `model`'s trainable tensors on `data` with AdamW. `on_step` is called after every optimizer
-/// step. Fails (leaving the step's update out) on a non-finite loss or gradient, and when a trainable
-/// tensor receives no gradient (a cut graph).
+/// The optimizer state of a training run: AdamW over the model's trainable tensors and the schedule.
+/// [`Trainer::step`] takes one optimizer step over a list of micro-batches.
+pub struct Trainer<'m> {
+    model: &'m Model,
+    vars: Vec<(String, candle_core::Var)>,
+    opt: AdamW,
+    schedule: LrSchedule,
+    max_grad_norm: Option<f64>,
+    step: usize,
+    start: Instant,
+}
+
+/// What one optimizer step did, before timing is attached.
+#[derive(Clone, Debug)]
+pub struct StepOutcome {
+    /// Mean loss over the micro-batches.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Real tokens processed.
+    pub tokens: usize,
+    /// Examples processed.
+    pub samples: usize,
+}
+
+impl<'m> Trainer<'m> {
+    /// An optimizer for `model`'s trainable tensors following `schedule`.
+    pub fn new(model: &'m Model, schedule: LrSchedule, weight_decay: f64, max_grad_norm: Option<f64>) -> Result<Self> {
+        let vars = model.trainable();
+        if vars.is_empty() {
+            return Err(Error::Config("the model has nothing to train (no adapter attached)".into()));
+        }
+        let params = ParamsAdamW { lr: schedule.first_lr(), beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay };
+        let opt = AdamW::new(vars.iter().map(|(_, v)| v.clone()).collect(), params)?;
+        Ok(Self { model, vars, opt, schedule, max_grad_norm, step: 0, start: Instant::now() })
+    }
+
+    /// Steps taken so far.
+    pub fn steps_done(&self) -> usize {
+        self.step
+    }
+
+    /// One optimizer step: the gradients of the micro-batches' mean losses are averaged, clipped and
+    /// applied. Nothing is updated when a loss or the gradient is not finite, or when a trainable tensor
+    /// gets no gradient (a cut graph).
+    pub fn step(&mut self, micro: &[Batch]) -> Result<StepOutcome> {
+        if micro.is_empty() {
+            return Err(Error::Data("an optimizer step needs at least one batch".into()));
+        }
+        let step = self.step + 1;
+        let lr = self.schedule.lr(step);
+        let k = micro.len() as f64;
+        let mut acc: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+        let (mut loss_sum, mut tokens, mut samples) = (0.0, 0, 0);
+        for batch in micro {
+            let out = batch_loss(self.model, batch)?;
+            let lv = out.loss.to_scalar::<f32>()? as f64;
+            if !lv.is_finite() {
+                return Err(Error::Numerics(format!("loss is {lv} at step {step}; no update was made")));
+            }
+            let grads = (out.loss / k)?.backward()?;
+            for (slot, (name, var)) in acc.iter_mut().zip(&self.vars) {
+                let g = grads.get(var.as_tensor()).ok_or_else(|| {
+                    Error::Numerics(format!("no gradient reached `{name}`: the autograd graph is cut"))
+                })?;
+                *slot = Some(match slot.take() {
+                    None => g.clone(),
+                    Some(prev) => (prev + g)?,
+                });
+            }
+            loss_sum += lv;
+            tokens += batch.real_tokens;
+            samples += batch.len();
+        }
+        let grads: Vec<Tensor> = acc.into_iter().flatten().collect();
+        let mut sq = 0f64;
+        for g in &grads {
+            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        let norm = sq.sqrt();
+        if !norm.is_finite() {
+            return Err(Error::Numerics(format!("gradient norm is {norm} at step {step}; no update was made")));
+        }
+        let factor = match self.max_grad_norm {
+            Some(c) if norm > c => c / (norm + 1e-6),
+            _ => 1.0,
+        };
+        let mut store = GradStore::default();
+        for ((_, var), g) in self.vars.iter().zip(grads) {
+            let g = if factor != 1.0 { (g * factor)? } else { g };
+            store.insert(var.as_tensor(), g);
+        }
+        self.opt.set_learning_rate(lr);
+        self.opt.step(&store)?;
+        self.step = step;
+        Ok(StepOutcome { loss: loss_sum / k, lr, grad_norm: norm, tokens, samples })
+    }
+
+    /// Time since the trainer was made.
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+}
+
+/// Trains `model`'s trainable tensors on `data` with AdamW (shuffled each epoch, padded micro-batches,
+/// `grad_accum` of them per step). `on_step` is called after every optimizer step. Fails (leaving that
+/// step's update out) on a non-finite loss or gradient, and when a trainable tensor receives no gradient.
 pub fn train(
     model: &Model,
     data: &[Encoded],
@@ -162,33 +249,16 @@ pub fn train(
     if data.is_empty() {
         return Err(Error::Data("no training examples".into()));
     }
-    let vars = model.trainable();
-    if vars.is_empty() {
-        return Err(Error::Config(
-            "the model has nothing to train (no adapter attached)".into(),
-        ));
-    }
     let schedule = cfg.schedule_for(data.len());
-    let params = ParamsAdamW {
-        lr: schedule.first_lr(),
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: cfg.weight_decay,
-    };
-    let mut opt = AdamW::new(vars.iter().map(|(_, v)| v.clone()).collect(), params)?;
+    let mut trainer = Trainer::new(model, schedule, cfg.weight_decay, cfg.max_grad_norm)?;
     let device = model.device().clone();
-    let start = Instant::now();
     let mut order: Vec<usize> = Vec::new();
     let mut cursor = 0usize;
     let mut epoch = 0u64;
     let (mut samples, mut tokens) = (0usize, 0usize);
     let mut losses = Vec::with_capacity(schedule.total);
-    for step in 1..=schedule.total {
-        let lr = schedule.lr(step);
-        opt.set_learning_rate(lr);
-        let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
-        let (mut step_loss, mut step_tokens, mut step_samples) = (0.0, 0, 0);
+    for _ in 0..schedule.total {
+        let mut micro = Vec::with_capacity(cfg.grad_accum);
         for _ in 0..cfg.grad_accum {
             if cursor >= order.len() {
                 order = epoch_order(data.len(), cfg.seed.wrapping_add(epoch), true);
@@ -198,70 +268,21 @@ pub fn train(
             let end = (cursor + cfg.batch_size).min(order.len());
             let items: Vec<&Encoded> = order[cursor..end].iter().map(|&i| &data[i]).collect();
             cursor = end;
-            let batch = Batch::collate(&items, pad_id, &device)?;
-            let out = batch_loss(model, &batch)?;
-            let lv = out.loss.to_scalar::<f32>()? as f64;
-            if !lv.is_finite() {
-                return Err(Error::Numerics(format!(
-                    "loss is {lv} at step {step}; no update was made"
-                )));
-            }
-            let grads = (out.loss / cfg.grad_accum as f64)?.backward()?;
-            for (slot, (name, var)) in acc.iter_mut().zip(&vars) {
-                let g = grads.get(var.as_tensor()).ok_or_else(|| {
-                    Error::Numerics(format!(
-                        "no gradient reached `{name}`: the autograd graph is cut"
-                    ))
-                })?;
-                *slot = Some(match slot.take() {
-                    None => g.clone(),
-                    Some(prev) => (prev + g)?,
-                });
-            }
-            step_loss += lv / cfg.grad_accum as f64;
-            step_tokens += batch.real_tokens;
-            step_samples += batch.len();
+            micro.push(Batch::collate(&items, pad_id, &device)?);
         }
-        let grads: Vec<Tensor> = acc
-            .into_iter()
-            .map(|g| g.expect("every slot filled"))
-            .collect();
-        let sq: f64 = grads
-            .iter()
-            .map(|g| {
-                g.sqr()
-                    .and_then(|s| s.sum_all())
-                    .and_then(|s| s.to_scalar::<f32>())
-            })
-            .sum::<candle_core::Result<f32>>()? as f64;
-        let norm = sq.sqrt();
-        if !norm.is_finite() {
-            return Err(Error::Numerics(format!(
-                "gradient norm is {norm} at step {step}; no update was made"
-            )));
-        }
-        let factor = match cfg.max_grad_norm {
-            Some(c) if norm > c => c / (norm + 1e-6),
-            _ => 1.0,
-        };
-        let mut store = GradStore::default();
-        for ((_, var), g) in vars.iter().zip(grads) {
-            let g = if factor != 1.0 { (g * factor)? } else { g };
-            store.insert(var.as_tensor(), g);
-        }
-        opt.step(&store)?;
-        samples += step_samples;
-        tokens += step_tokens;
-        losses.push(step_loss);
+        let o = trainer.step(&micro)?;
+        samples += o.samples;
+        tokens += o.tokens;
+        losses.push(o.loss);
         on_step(&StepReport {
-            step,
+            step: trainer.steps_done(),
             total: schedule.total,
-            loss: step_loss,
-            lr,
-            grad_norm: norm,
-            tokens: step_tokens,
-            samples: step_samples,
-            elapsed: start.elapsed(),
+            loss: o.loss,
+            lr: o.lr,
+            grad_norm: o.grad_norm,
+            tokens: o.tokens,
+            samples: o.samples,
+            elapsed: trainer.elapsed(),
         });
     }
     let tail = (losses.len() / 10).max(1);
@@ -269,7 +290,7 @@ pub fn train(
         steps: schedule.total,
         samples,
         tokens,
-        seconds: start.elapsed().as_secs_f64(),
+        seconds: trainer.elapsed().as_secs_f64(),
         first_loss: losses[0],
         final_loss: losses[losses.len() - tail..].iter().sum::<f64>() / tail as f64,
     })
