@@ -1,3 +1,4 @@
+#![allow(clippy::excessive_precision)] // reference values are copied verbatim from transformers
 //! Numerics of the real pretrained models against independent implementations:
 //! candle-transformers' `bert` and `quantized_llama` (same weights, run here), and reference values
 //! computed once with Hugging Face transformers (`../shared/bench/torchref/reference.py`).

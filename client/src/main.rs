@@ -1,1 +1,38 @@
-fn main() {}
+//! `fedsb-client`: the fedsb client. Today: fine-tune a pretrained model locally with LoRA-SB (or LoRA /
+//! FFA-LoRA), and benchmark the training step. The federation commands build on the same engine.
+mod bench;
+mod device;
+mod finetune;
+mod progress;
+
+use clap::{Parser, Subcommand};
+
+/// fedsb client: local fine-tuning with LoRA-SB adapters.
+#[derive(Parser)]
+#[command(name = "fedsb-client", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fine-tune a model on one machine (the non-federated LoRA-SB setting) and export the adapter.
+    Finetune(Box<finetune::FinetuneArgs>),
+    /// Measure the training step and the LoRA-SB init on the real small models.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,fedsb=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Finetune(a) => finetune::run(*a),
+        Command::Bench(a) => bench::run(a),
+    }
+}

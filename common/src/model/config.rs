@@ -130,7 +130,7 @@ impl LlamaConfig {
     fn from_hf_value(v: &serde_json::Value, model_type: &str) -> Result<Self> {
         let hidden_size = req_usize(v, "hidden_size")?;
         let num_attention_heads = req_usize(v, "num_attention_heads")?;
-        if num_attention_heads == 0 || hidden_size % num_attention_heads != 0 && get(v, "head_dim").is_none() {
+        if num_attention_heads == 0 || (!hidden_size.is_multiple_of(num_attention_heads) && get(v, "head_dim").is_none()) {
             return Err(Error::Model(format!(
                 "config.json: hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}"
             )));
@@ -194,13 +194,13 @@ impl LlamaConfig {
 
     /// Checks that the sizes are consistent.
     pub fn validate(&self) -> Result<()> {
-        if self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0 {
+        if self.num_key_value_heads == 0 || !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(Error::Model(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(Error::Model(format!("head_dim {} must be even for RoPE", self.head_dim)));
         }
         if self.vocab_size == 0 || self.hidden_size == 0 || self.num_hidden_layers == 0 {
@@ -325,7 +325,7 @@ impl BertConfig {
             layer_norm_eps: opt_f64(v, "layer_norm_eps", 1e-12),
             pad_token_id: get(v, "pad_token_id").and_then(|x| x.as_u64()).unwrap_or(0) as u32,
         };
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(Error::Model(format!(
                 "config.json: hidden_size {} is not divisible by num_attention_heads {}",
                 cfg.hidden_size, cfg.num_attention_heads

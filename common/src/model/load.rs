@@ -279,7 +279,7 @@ pub fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
     let dims = w.dims().to_vec();
     let rows = dims[0];
     let cols: usize = dims[1..].iter().product::<usize>().max(1);
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         return Err(Error::tensor("attn_q/attn_k", format!("{rows} rows cannot be split into {heads} heads of pairs")));
     }
     let t = w.reshape((heads, rows / heads / 2, 2, cols))?.transpose(1, 2)?.contiguous()?;

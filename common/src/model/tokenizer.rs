@@ -109,7 +109,7 @@ impl TextTokenizer {
         let strings = |k: &str| -> Result<Vec<String>> {
             let v = md(k).ok_or_else(|| Error::Tokenizer(format!("GGUF metadata lacks `{k}`")))?;
             let arr = v.to_vec().map_err(tok_err)?;
-            arr.iter().map(|x| x.to_string().map(|s| s.clone()).map_err(tok_err)).collect()
+            arr.iter().map(|x| x.to_string().cloned().map_err(tok_err)).collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?

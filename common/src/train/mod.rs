@@ -16,7 +16,7 @@ use data::{Batch, BatchTarget};
 
 pub use data::{Dataset, Encoded, Encoder, Example};
 pub use schedule::{LrSchedule, ScheduleKind};
-pub use trainer::{StepReport, TrainConfig, TrainSummary, train};
+pub use trainer::{StepOutcome, StepReport, TrainConfig, TrainSummary, Trainer, train};
 
 /// The loss of one batch.
 #[derive(Debug)]

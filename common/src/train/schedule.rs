@@ -52,8 +52,9 @@ impl LrSchedule {
         if step <= self.warmup {
             return self.peak * step as f64 / self.warmup as f64;
         }
+        // Decay steps are numbered from 0, so the first one uses the peak and the last one stays above 0.
         let rest = self.total.saturating_sub(self.warmup).max(1) as f64;
-        let progress = ((step - self.warmup) as f64 / rest).clamp(0.0, 1.0);
+        let progress = ((step - self.warmup - 1) as f64 / rest).clamp(0.0, 1.0);
         match self.kind {
             ScheduleKind::Constant => self.peak,
             ScheduleKind::Linear => self.peak * (1.0 - progress),
@@ -78,9 +79,11 @@ mod tests {
         assert!((s.lr(1) - 1e-4).abs() < 1e-12);
         assert!((s.lr(10) - 1e-3).abs() < 1e-12);
         assert!(s.lr(55) < 1e-3 && s.lr(55) > 0.0);
-        assert!(s.lr(100).abs() < 1e-12);
+        assert!((s.lr(11) - 1e-3).abs() < 1e-12, "the first decay step uses the peak");
+        assert!(s.lr(100) > 0.0 && s.lr(100) < 1e-5);
         let l = LrSchedule::new(1.0, 0.0, 4, ScheduleKind::Linear);
-        assert_eq!([l.lr(1), l.lr(2), l.lr(4)], [0.75, 0.5, 0.0]);
+        assert_eq!([l.lr(1), l.lr(2), l.lr(4)], [1.0, 0.75, 0.25]);
+        assert_eq!(LrSchedule::new(1.0, 0.0, 1, ScheduleKind::Cosine).lr(1), 1.0, "a one-step run is not wasted");
         assert_eq!(LrSchedule::new(2.0, 0.0, 3, ScheduleKind::Constant).lr(3), 2.0);
     }
 }

@@ -1,0 +1,270 @@
+//! `fedsb-client bench`: the training step (forward + backward + AdamW) and the LoRA-SB init, on the
+//! real small models at the fixed shapes of the PyTorch peer (`../shared/bench/torchref/`):
+//! - MiniLM (all-MiniLM-L6-v2 + 2-class head): batch 32 × 64 tokens of Rotten Tomatoes sentences (padded
+//!   to 64), r = 16 on query, value, attention.output.dense, output.dense (24 matrices);
+//! - SmolLM2-135M: batch 4 × 128 tokens of packed Rotten Tomatoes text, causal-LM loss on every position,
+//!   r = 32 on all seven projections (210 matrices).
+//!
+//! Each model runs in its own process so that its peak RSS is its own.
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use fedsb_common::adapter::init::{InitConfig, lora_sb_init};
+use fedsb_common::adapter::{AdapterConfig, AdapterKind};
+use fedsb_common::model::{LoadOptions, Model, load_model};
+use fedsb_common::train::data::{Batch, Encoded, IGNORE, Target};
+use fedsb_common::train::{Dataset, Encoder, LrSchedule, ScheduleKind, Trainer};
+use serde_json::json;
+
+use crate::device::parse_device;
+
+/// Arguments of `fedsb-client bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Print one JSON object per line (for scripts) instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Models to measure: minilm, smollm (comma-separated).
+    #[arg(long, default_value = "minilm,smollm")]
+    models: String,
+    /// Adapters to measure: lora-sb, lora, ffa-lora (comma-separated).
+    #[arg(long, default_value = "lora-sb")]
+    adapters: String,
+    /// Timed steps per measurement (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Asset folder of scripts/fetch-assets.sh (default $FEDSB_ASSETS or ~/.cache/fedsb/assets).
+    #[arg(long)]
+    assets: Option<PathBuf>,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Run the models in this process (used internally).
+    #[arg(long, hide = true)]
+    in_process: bool,
+}
+
+fn assets_root(a: &BenchArgs) -> PathBuf {
+    a.assets.clone().or_else(|| std::env::var_os("FEDSB_ASSETS").map(PathBuf::from)).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/fedsb/assets")
+    })
+}
+
+/// Peak resident set size of this process in MiB (VmHWM).
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
+}
+
+struct Shape {
+    name: &'static str,
+    batch: usize,
+    seq: usize,
+    rank: usize,
+    targets: &'static [&'static str],
+}
+
+const MINILM: Shape =
+    Shape { name: "minilm", batch: 32, seq: 64, rank: 16, targets: &["query", "value", "attention.output.dense", "output.dense"] };
+const SMOLLM: Shape =
+    Shape { name: "smollm", batch: 4, seq: 128, rank: 32, targets: &["q", "k", "v", "o", "gate", "up", "down"] };
+
+/// Runs `fedsb-client bench`.
+pub fn run(a: BenchArgs) -> Result<()> {
+    let models: Vec<String> = a.models.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    for m in &models {
+        if m != "minilm" && m != "smollm" {
+            bail!("unknown bench model `{m}` (minilm, smollm)");
+        }
+    }
+    if models.len() > 1 && !a.in_process {
+        // One process per model, so each peak RSS is the model's own.
+        let exe = std::env::current_exe().context("locating fedsb-client")?;
+        for m in &models {
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.args(["bench", "--in-process", "--models", m, "--adapters", &a.adapters]);
+            cmd.args(["--steps", &a.steps.to_string(), "--warmup", &a.warmup.to_string(), "--device", &a.device]);
+            cmd.arg("--assets").arg(assets_root(&a));
+            if a.json {
+                cmd.arg("--json");
+            }
+            let status = cmd.status().with_context(|| format!("running the {m} bench"))?;
+            if !status.success() {
+                bail!("the {m} bench failed ({status})");
+            }
+        }
+        return Ok(());
+    }
+    let root = assets_root(&a);
+    if !root.join("models").is_dir() {
+        bail!("no assets in {} — run scripts/fetch-assets.sh first", root.display());
+    }
+    for m in &models {
+        let shape = if m == "minilm" { &MINILM } else { &SMOLLM };
+        bench_model(&a, &root, shape)?;
+    }
+    Ok(())
+}
+
+fn bench_batches(shape: &Shape, model: &Model, enc: &Encoder, root: &std::path::Path, n: usize) -> Result<Vec<Batch>> {
+    let rt = Dataset::load_jsonl(&root.join("data/rotten-tomatoes/train.jsonl"))?;
+    let pad = enc.tokenizer.pad_id();
+    let dev = model.device();
+    let mut out = Vec::new();
+    if shape.name == "minilm" {
+        let enc64 = Encoder::new(enc.tokenizer, enc.task, shape.seq);
+        let data = enc64.encode_all(&rt.take(n * shape.batch))?;
+        for chunk in data.chunks(shape.batch) {
+            let items: Vec<&Encoded> = chunk.iter().collect();
+            out.push(Batch::collate_to(&items, pad, shape.seq, dev)?);
+        }
+    } else {
+        // Packed text: every row is exactly `seq` real tokens; the loss covers every next token.
+        let mut stream = Vec::new();
+        for ex in &rt.examples {
+            if let fedsb_common::train::Example::Classification { text, .. } = ex {
+                stream.extend(enc.tokenizer.encode(&format!("{text}\n"), false)?);
+            }
+            if stream.len() >= n * shape.batch * shape.seq {
+                break;
+            }
+        }
+        for b in 0..n {
+            let rows: Vec<Encoded> = (0..shape.batch)
+                .map(|r| {
+                    let start = (b * shape.batch + r) * shape.seq;
+                    let ids = stream[start..start + shape.seq].to_vec();
+                    let labels = ids.iter().skip(1).map(|&t| t as i64).chain([IGNORE]).collect();
+                    Encoded { type_ids: vec![0; ids.len()], ids, target: Target::NextTokens(labels) }
+                })
+                .collect();
+            out.push(Batch::collate(&rows.iter().collect::<Vec<_>>(), pad, dev)?);
+        }
+    }
+    Ok(out)
+}
+
+fn bench_model(a: &BenchArgs, root: &std::path::Path, shape: &Shape) -> Result<()> {
+    let device = parse_device(&a.device)?;
+    let path = if shape.name == "minilm" {
+        root.join("models/all-minilm-l6-v2")
+    } else {
+        root.join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+    };
+    let loaded = load_model(&path, &device, &LoadOptions::default())?;
+    let enc = Encoder::new(&loaded.tokenizer, loaded.model.task(), shape.seq);
+    let batches = bench_batches(shape, &loaded.model, &enc, root, 6)?;
+    let threads = candle_core::utils::get_num_threads();
+    for kind in a.adapters.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let kind: AdapterKind = kind.parse()?;
+        let mut model = loaded.model.clone();
+        let adapter = AdapterConfig::new(kind, shape.rank, shape.targets);
+        if kind == AdapterKind::LoraSb {
+            // The init on one batch of the same data, timed: gradient estimate, then one SVD per matrix.
+            let init_data: Vec<Encoded> = init_examples(shape, &batches[0])?;
+            let icfg = InitConfig { samples: shape.batch, batch_size: shape.batch, eta: 1e-4, oversample: 8, power_iters: 6, seed: 42 };
+            let t = Instant::now();
+            let (init, rep) = lora_sb_init(&mut model, &adapter, &init_data, &icfg, enc.tokenizer.pad_id(), &mut |_, _| {})?;
+            let total_ms = t.elapsed().as_secs_f64() * 1e3;
+            let mut per: Vec<f64> = rep.per_layer.iter().map(|x| x.3).collect();
+            let max = per.iter().cloned().fold(0.0, f64::max);
+            let med = median(&mut per);
+            emit(a.json, json!({
+                "model": shape.name, "what": "lora_sb_init", "adapter": kind.as_str(), "rank": shape.rank,
+                "matrices": rep.layers, "samples": rep.samples, "gradient_ms": rep.gradient_seconds * 1e3,
+                "svd_ms_total": rep.svd_seconds * 1e3, "svd_ms_per_matrix_median": med, "svd_ms_per_matrix_max": max,
+                "init_ms_total": total_ms, "threads": threads, "device": a.device, "peak_rss_mib": peak_rss_mib(),
+            }));
+            model.attach_adapters(&adapter, Some(&init))?;
+        } else {
+            model.attach_adapters(&adapter, None)?;
+        }
+        let total = a.warmup + a.steps;
+        let schedule = LrSchedule::new(1e-4, 0.0, total, ScheduleKind::Constant);
+        let mut trainer = Trainer::new(&model, schedule, 0.0, Some(1.0))?;
+        let mut times = Vec::with_capacity(a.steps);
+        let (mut first, mut last) = (f64::NAN, f64::NAN);
+        for i in 0..total {
+            let b = &batches[i % batches.len()];
+            let t = Instant::now();
+            let o = trainer.step(std::slice::from_ref(b))?;
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            if i == 0 {
+                first = o.loss;
+            }
+            last = o.loss;
+            if i >= a.warmup {
+                times.push(ms);
+            }
+        }
+        let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
+        let max = times.iter().cloned().fold(0.0, f64::max);
+        let med = median(&mut times);
+        let adapted = model.linears().iter().filter(|l| l.adapter().is_some()).count();
+        emit(a.json, json!({
+            "model": shape.name, "what": "train_step", "adapter": kind.as_str(), "batch": shape.batch,
+            "seq_len": shape.seq, "rank": shape.rank, "adapted_matrices": adapted,
+            "trainable_params": model.num_trainable(), "steps": a.steps, "warmup": a.warmup,
+            "ms_per_step_median": med, "ms_per_step_min": min, "ms_per_step_max": max,
+            "tokens_per_s": (shape.batch * shape.seq) as f64 / (med / 1e3),
+            "loss_first": first, "loss_last": last, "threads": threads, "device": a.device,
+            "peak_rss_mib": peak_rss_mib(),
+        }));
+    }
+    Ok(())
+}
+
+/// The examples of one batch, back as [`Encoded`] (for the timed init on the bench's own data).
+fn init_examples(shape: &Shape, b: &Batch) -> Result<Vec<Encoded>> {
+    let ids = b.ids.to_vec2::<u32>()?;
+    let mask = b.mask.to_vec2::<u32>()?;
+    let mut out = Vec::new();
+    for (i, row) in ids.iter().enumerate() {
+        let n = mask[i].iter().filter(|m| **m == 1).count().max(1);
+        let ids = row[..n].to_vec();
+        let target = match &b.target {
+            fedsb_common::train::data::BatchTarget::Classes(c) => Target::Class(c.to_vec1::<u32>()?[i]),
+            fedsb_common::train::data::BatchTarget::NextTokens(l) => Target::NextTokens(l[i][..n].to_vec()),
+        };
+        out.push(Encoded { type_ids: vec![0; ids.len()], ids, target });
+    }
+    debug_assert_eq!(out.len(), shape.batch);
+    Ok(out)
+}
+
+fn emit(json: bool, v: serde_json::Value) {
+    if json {
+        println!("{v}");
+        return;
+    }
+    let g = |k: &str| v.get(k).cloned().unwrap_or(serde_json::Value::Null);
+    let f = |k: &str| g(k).as_f64().unwrap_or(f64::NAN);
+    if g("what") == "lora_sb_init" {
+        println!(
+            "{:<7} LoRA-SB init r={:<3} {:>3} matrices: gradient {:>8.1} ms, SVD {:>8.1} ms (median {:.2} ms/matrix), peak RSS {:.0} MiB",
+            g("model").as_str().unwrap_or(""), g("rank"), g("matrices"), f("gradient_ms"), f("svd_ms_total"),
+            f("svd_ms_per_matrix_median"), f("peak_rss_mib")
+        );
+    } else {
+        println!(
+            "{:<7} {:<8} step {}x{} r={:<3}: median {:>8.1} ms (min {:.1}), {:>7.0} tokens/s, peak RSS {:.0} MiB",
+            g("model").as_str().unwrap_or(""), g("adapter").as_str().unwrap_or(""), g("batch"), g("seq_len"), g("rank"),
+            f("ms_per_step_median"), f("ms_per_step_min"), f("tokens_per_s"), f("peak_rss_mib")
+        );
+    }
+}

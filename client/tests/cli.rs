@@ -1,0 +1,110 @@
+//! The `fedsb-client` binary end to end on the real small models (assets from scripts/fetch-assets.sh):
+//! `finetune` writes its outputs, `bench --json` prints the promised fields, and bad input fails clearly.
+use std::path::PathBuf;
+use std::process::Command;
+
+fn assets() -> Option<PathBuf> {
+    let root = std::env::var_os("FEDSB_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/fedsb/assets"));
+    if root.join("models/all-minilm-l6-v2/model.safetensors").is_file() {
+        return Some(root);
+    }
+    if std::env::var("FEDSB_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
+        panic!("assets missing under {}; run scripts/fetch-assets.sh", root.display());
+    }
+    eprintln!("SKIPPED: assets missing under {}", root.display());
+    None
+}
+
+fn client() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fedsb-client"))
+}
+
+#[test]
+fn finetune_minilm_writes_adapter_peft_and_summary() {
+    let Some(a) = assets() else { return };
+    let out = tempfile::tempdir().unwrap();
+    let o = client()
+        .args(["finetune", "--adapter", "lora-sb", "--rank", "8", "--max-steps", "4", "--batch-size", "8"])
+        .args(["--train-limit", "64", "--eval-limit", "16", "--max-len", "48"])
+        .arg("--model")
+        .arg(a.join("models/all-minilm-l6-v2"))
+        .arg("--train")
+        .arg(a.join("data/rotten-tomatoes/train.jsonl"))
+        .arg("--eval")
+        .arg(a.join("data/rotten-tomatoes/test.jsonl"))
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "finetune failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("fedsb finetune summary"), "{stdout}");
+    assert!(stderr.contains("LoRA-SB init"), "{stderr}");
+    for f in ["adapter.safetensors", "lora_sb_init.safetensors", "peft/adapter_config.json", "peft/adapter_model.safetensors"] {
+        assert!(out.path().join(f).is_file(), "{f} missing");
+    }
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["steps"], 4);
+    assert_eq!(s["adapted_layers"], 24);
+    assert_eq!(s["trainable_params"], 24 * 64 + 2 * 384 + 2);
+    assert!(s["eval_after"]["accuracy"].as_f64().is_some());
+}
+
+#[test]
+fn bad_input_fails_with_a_clear_message() {
+    let Some(a) = assets() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"fine\", \"label\": 1}\n{\"text\": 3}\n").unwrap();
+    let o = client()
+        .args(["finetune", "--max-steps", "1"])
+        .arg("--model")
+        .arg(a.join("models/all-minilm-l6-v2"))
+        .arg("--train")
+        .arg(&bad)
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(stderr.contains("line 2"), "{stderr}");
+    // An unknown target module names the valid ones.
+    let o = client()
+        .args(["finetune", "--max-steps", "1", "--targets", "q_proj"])
+        .arg("--model")
+        .arg(a.join("models/all-minilm-l6-v2"))
+        .arg("--train")
+        .arg(a.join("data/rotten-tomatoes/test.jsonl"))
+        .arg("--out")
+        .arg(dir.path().join("out2"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(stderr.contains("valid: query"), "{stderr}");
+}
+
+#[test]
+fn bench_json_prints_the_promised_fields() {
+    let Some(a) = assets() else { return };
+    let o = client()
+        .args(["bench", "--json", "--models", "minilm", "--steps", "1", "--warmup", "0", "--assets"])
+        .arg(&a)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let step = lines.iter().find(|l| l["what"] == "train_step").expect("a train_step line");
+    for k in ["model", "adapter", "batch", "seq_len", "ms_per_step_median", "tokens_per_s", "peak_rss_mib"] {
+        assert!(!step[k].is_null(), "missing {k}");
+    }
+    assert_eq!(step["batch"], 32);
+    assert_eq!(step["seq_len"], 64);
+    let init = lines.iter().find(|l| l["what"] == "lora_sb_init").expect("an init line");
+    assert_eq!(init["matrices"], 24);
+}
