@@ -50,9 +50,10 @@ pub struct BenchArgs {
 }
 
 fn assets_root(a: &BenchArgs) -> PathBuf {
-    a.assets.clone().or_else(|| std::env::var_os("FEDSB_ASSETS").map(PathBuf::from)).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/fedsb/assets")
-    })
+    a.assets
+        .clone()
+        .or_else(|| std::env::var_os("FEDSB_ASSETS").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/fedsb/assets"))
 }
 
 /// Peak resident set size of this process in MiB (VmHWM).
@@ -79,8 +80,13 @@ struct Shape {
     targets: &'static [&'static str],
 }
 
-const MINILM: Shape =
-    Shape { name: "minilm", batch: 32, seq: 64, rank: 16, targets: &["query", "value", "attention.output.dense", "output.dense"] };
+const MINILM: Shape = Shape {
+    name: "minilm",
+    batch: 32,
+    seq: 64,
+    rank: 16,
+    targets: &["query", "value", "attention.output.dense", "output.dense"],
+};
 const SMOLLM: Shape =
     Shape { name: "smollm", batch: 4, seq: 128, rank: 32, targets: &["q", "k", "v", "o", "gate", "up", "down"] };
 
@@ -177,19 +183,30 @@ fn bench_model(a: &BenchArgs, root: &std::path::Path, shape: &Shape) -> Result<(
         if kind == AdapterKind::LoraSb {
             // The init on one batch of the same data, timed: gradient estimate, then one SVD per matrix.
             let init_data: Vec<Encoded> = init_examples(shape, &batches[0])?;
-            let icfg = InitConfig { samples: shape.batch, batch_size: shape.batch, eta: 1e-4, oversample: 8, power_iters: 6, seed: 42 };
+            let icfg = InitConfig {
+                samples: shape.batch,
+                batch_size: shape.batch,
+                eta: 1e-4,
+                oversample: 8,
+                power_iters: 6,
+                seed: 42,
+            };
             let t = Instant::now();
-            let (init, rep) = lora_sb_init(&mut model, &adapter, &init_data, &icfg, enc.tokenizer.pad_id(), &mut |_, _| {})?;
+            let (init, rep) =
+                lora_sb_init(&mut model, &adapter, &init_data, &icfg, enc.tokenizer.pad_id(), &mut |_, _| {})?;
             let total_ms = t.elapsed().as_secs_f64() * 1e3;
             let mut per: Vec<f64> = rep.per_layer.iter().map(|x| x.3).collect();
             let max = per.iter().cloned().fold(0.0, f64::max);
             let med = median(&mut per);
-            emit(a.json, json!({
-                "model": shape.name, "what": "lora_sb_init", "adapter": kind.as_str(), "rank": shape.rank,
-                "matrices": rep.layers, "samples": rep.samples, "gradient_ms": rep.gradient_seconds * 1e3,
-                "svd_ms_total": rep.svd_seconds * 1e3, "svd_ms_per_matrix_median": med, "svd_ms_per_matrix_max": max,
-                "init_ms_total": total_ms, "threads": threads, "device": a.device, "peak_rss_mib": peak_rss_mib(),
-            }));
+            emit(
+                a.json,
+                json!({
+                    "model": shape.name, "what": "lora_sb_init", "adapter": kind.as_str(), "rank": shape.rank,
+                    "matrices": rep.layers, "samples": rep.samples, "gradient_ms": rep.gradient_seconds * 1e3,
+                    "svd_ms_total": rep.svd_seconds * 1e3, "svd_ms_per_matrix_median": med, "svd_ms_per_matrix_max": max,
+                    "init_ms_total": total_ms, "threads": threads, "device": a.device, "peak_rss_mib": peak_rss_mib(),
+                }),
+            );
             model.attach_adapters(&adapter, Some(&init))?;
         } else {
             model.attach_adapters(&adapter, None)?;
@@ -216,15 +233,18 @@ fn bench_model(a: &BenchArgs, root: &std::path::Path, shape: &Shape) -> Result<(
         let max = times.iter().cloned().fold(0.0, f64::max);
         let med = median(&mut times);
         let adapted = model.linears().iter().filter(|l| l.adapter().is_some()).count();
-        emit(a.json, json!({
-            "model": shape.name, "what": "train_step", "adapter": kind.as_str(), "batch": shape.batch,
-            "seq_len": shape.seq, "rank": shape.rank, "adapted_matrices": adapted,
-            "trainable_params": model.num_trainable(), "steps": a.steps, "warmup": a.warmup,
-            "ms_per_step_median": med, "ms_per_step_min": min, "ms_per_step_max": max,
-            "tokens_per_s": (shape.batch * shape.seq) as f64 / (med / 1e3),
-            "loss_first": first, "loss_last": last, "threads": threads, "device": a.device,
-            "peak_rss_mib": peak_rss_mib(),
-        }));
+        emit(
+            a.json,
+            json!({
+                "model": shape.name, "what": "train_step", "adapter": kind.as_str(), "batch": shape.batch,
+                "seq_len": shape.seq, "rank": shape.rank, "adapted_matrices": adapted,
+                "trainable_params": model.num_trainable(), "steps": a.steps, "warmup": a.warmup,
+                "ms_per_step_median": med, "ms_per_step_min": min, "ms_per_step_max": max,
+                "tokens_per_s": (shape.batch * shape.seq) as f64 / (med / 1e3),
+                "loss_first": first, "loss_last": last, "threads": threads, "device": a.device,
+                "peak_rss_mib": peak_rss_mib(),
+            }),
+        );
     }
     Ok(())
 }
@@ -257,14 +277,26 @@ fn emit(json: bool, v: serde_json::Value) {
     if g("what") == "lora_sb_init" {
         println!(
             "{:<7} LoRA-SB init r={:<3} {:>3} matrices: gradient {:>8.1} ms, SVD {:>8.1} ms (median {:.2} ms/matrix), peak RSS {:.0} MiB",
-            g("model").as_str().unwrap_or(""), g("rank"), g("matrices"), f("gradient_ms"), f("svd_ms_total"),
-            f("svd_ms_per_matrix_median"), f("peak_rss_mib")
+            g("model").as_str().unwrap_or(""),
+            g("rank"),
+            g("matrices"),
+            f("gradient_ms"),
+            f("svd_ms_total"),
+            f("svd_ms_per_matrix_median"),
+            f("peak_rss_mib")
         );
     } else {
         println!(
             "{:<7} {:<8} step {}x{} r={:<3}: median {:>8.1} ms (min {:.1}), {:>7.0} tokens/s, peak RSS {:.0} MiB",
-            g("model").as_str().unwrap_or(""), g("adapter").as_str().unwrap_or(""), g("batch"), g("seq_len"), g("rank"),
-            f("ms_per_step_median"), f("ms_per_step_min"), f("tokens_per_s"), f("peak_rss_mib")
+            g("model").as_str().unwrap_or(""),
+            g("adapter").as_str().unwrap_or(""),
+            g("batch"),
+            g("seq_len"),
+            g("rank"),
+            f("ms_per_step_median"),
+            f("ms_per_step_min"),
+            f("tokens_per_s"),
+            f("peak_rss_mib")
         );
     }
 }

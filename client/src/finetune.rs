@@ -178,22 +178,12 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     let loaded = load_model(&a.model, &device, &opts).with_context(|| format!("loading {}", a.model.display()))?;
     let task = loaded.model.task();
     if task != train_ds.task() {
-        bail!(
-            "{} is a {task:?} model but {} holds {:?} data",
-            a.model.display(),
-            a.train.display(),
-            train_ds.task()
-        );
+        bail!("{} is a {task:?} model but {} holds {:?} data", a.model.display(), a.train.display(), train_ds.task());
     }
     let mut model = loaded.model.clone();
     let tokenizer = &loaded.tokenizer;
     let model_sha = loaded.weights_sha256()?;
-    eprintln!(
-        "model: {:?}, {} linear layers, weights sha256 {}…",
-        task,
-        model.linears().len(),
-        &model_sha[..12]
-    );
+    eprintln!("model: {:?}, {} linear layers, weights sha256 {}…", task, model.linears().len(), &model_sha[..12]);
     let enc = Encoder::new(tokenizer, task, a.max_len);
     let train_data = enc.encode_all(&train_ds).context("tokenizing the training data")?;
     let eval_data = match &eval_ds {
@@ -229,7 +219,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         );
         let em = if a.exact_match > 0 && task == TaskKind::CausalLm {
             let ds = eval_ds.as_ref().map(|d| d.take(a.exact_match)).unwrap_or_default();
-            let p = CountProgress::new(ds.len(), &format!("exact match {when}"));
+            let p = CountProgress::new(ds.len(), &format!("greedy decoding for exact match ({when})"));
             let r = exact_match(m, &enc, &ds.examples, a.max_new_tokens, &mut |d, n| p.set(d, n))?;
             p.finish();
             eprintln!("exact match {when}: {}/{} = {:.2}%", r.correct, r.total, 100.0 * r.accuracy);
@@ -362,8 +352,22 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
 fn print_summary(s: &Summary, out: &Path, total: f64) {
     println!("== fedsb finetune summary ==");
     println!("model            {} ({:?})", s.model, s.task);
-    println!("adapter          {} r={} on {} ({} layers, {} trainable params)", s.adapter, s.rank, s.targets.join(","), s.adapted_layers, s.trainable_params);
-    println!("training         {} steps, {:.1}s, {:.0} tokens/s, loss {:.4} -> {:.4}", s.steps, s.train_seconds, s.tokens_per_second, s.first_loss, s.final_train_loss);
+    if s.adapted_layers == 0 {
+        println!("adapter          none: classification head only ({} trainable params)", s.trainable_params);
+    } else {
+        println!(
+            "adapter          {} r={} on {} ({} layers, {} trainable params)",
+            s.adapter,
+            s.rank,
+            s.targets.join(","),
+            s.adapted_layers,
+            s.trainable_params
+        );
+    }
+    println!(
+        "training         {} steps, {:.1}s, {:.0} tokens/s, loss {:.4} -> {:.4}",
+        s.steps, s.train_seconds, s.tokens_per_second, s.first_loss, s.final_train_loss
+    );
     if let (Some(b), Some(a)) = (&s.eval_before, &s.eval_after) {
         println!("eval loss        {:.4} -> {:.4} ({} examples)", b.loss, a.loss, a.examples);
         if let (Some(x), Some(y)) = (b.accuracy, a.accuracy) {

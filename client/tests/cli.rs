@@ -43,10 +43,16 @@ fn finetune_minilm_writes_adapter_peft_and_summary() {
     assert!(o.status.success(), "finetune failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("fedsb finetune summary"), "{stdout}");
     assert!(stderr.contains("LoRA-SB init"), "{stderr}");
-    for f in ["adapter.safetensors", "lora_sb_init.safetensors", "peft/adapter_config.json", "peft/adapter_model.safetensors"] {
+    for f in [
+        "adapter.safetensors",
+        "lora_sb_init.safetensors",
+        "peft/adapter_config.json",
+        "peft/adapter_model.safetensors",
+    ] {
         assert!(out.path().join(f).is_file(), "{f} missing");
     }
-    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).unwrap()).unwrap();
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).unwrap()).unwrap();
     assert_eq!(s["steps"], 4);
     assert_eq!(s["adapted_layers"], 24);
     assert_eq!(s["trainable_params"], 24 * 64 + 2 * 384 + 2);

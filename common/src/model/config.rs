@@ -130,7 +130,9 @@ impl LlamaConfig {
     fn from_hf_value(v: &serde_json::Value, model_type: &str) -> Result<Self> {
         let hidden_size = req_usize(v, "hidden_size")?;
         let num_attention_heads = req_usize(v, "num_attention_heads")?;
-        if num_attention_heads == 0 || (!hidden_size.is_multiple_of(num_attention_heads) && get(v, "head_dim").is_none()) {
+        if num_attention_heads == 0
+            || (!hidden_size.is_multiple_of(num_attention_heads) && get(v, "head_dim").is_none())
+        {
             return Err(Error::Model(format!(
                 "config.json: hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}"
             )));
