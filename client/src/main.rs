@@ -3,6 +3,7 @@
 mod bench;
 mod device;
 mod finetune;
+mod join;
 mod progress;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +22,8 @@ enum Command {
     Finetune(Box<finetune::FinetuneArgs>),
     /// Measure the training step and the LoRA-SB init on the real small models.
     Bench(bench::BenchArgs),
+    /// Take part in a federated run: join a coordinator, train each round's task locally, send updates.
+    Join(Box<join::JoinArgs>),
 }
 
 /// glibc's default malloc returns large blocks to the OS after every tensor op (mmap/munmap), so each op
@@ -46,10 +49,12 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,fedsb=info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match cli.command {
         Command::Finetune(a) => finetune::run(*a),
         Command::Bench(a) => bench::run(a),
+        Command::Join(a) => join::run(*a),
     }
 }

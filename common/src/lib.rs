@@ -6,12 +6,16 @@
 //! - [`adapter`]: LoRA-SB, LoRA and FFA-LoRA adapters; the LoRA-SB initialization; randomized SVD.
 //! - [`tensors`]: [`TensorSet`], named tensors as saved, hashed and sent.
 pub mod adapter;
+pub mod aggregate;
+pub mod comm;
 pub mod error;
 pub mod export;
 pub mod model;
 pub mod ops;
+pub mod spec;
 pub mod tensors;
 pub mod train;
+pub mod wire;
 
 pub use error::{Error, Result};
 pub use tensors::TensorSet;

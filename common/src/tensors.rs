@@ -99,6 +99,15 @@ impl TensorSet {
 
     /// Saves as a safetensors file (metadata in its header).
     pub fn save(&self, path: &Path) -> Result<()> {
+        let bytes = self.to_safetensors_bytes().map_err(|e| match e {
+            Error::Tensor { msg, .. } => Error::tensor(path.display().to_string(), msg),
+            other => other,
+        })?;
+        write_atomic(path, &bytes)
+    }
+
+    /// The safetensors encoding (tensors in their current dtype, metadata in the header).
+    pub fn to_safetensors_bytes(&self) -> Result<Vec<u8>> {
         let mut data = Vec::with_capacity(self.tensors.len());
         for (name, t) in &self.tensors {
             data.push((name.clone(), t.to_device(&Device::Cpu)?.contiguous()?));
@@ -106,9 +115,7 @@ impl TensorSet {
         let meta: std::collections::HashMap<String, String> =
             self.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let views: Vec<(&str, &Tensor)> = data.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let bytes = safetensors::serialize(views, Some(meta))
-            .map_err(|e| Error::tensor(path.display().to_string(), e.to_string()))?;
-        write_atomic(path, &bytes)
+        safetensors::serialize(views, Some(meta)).map_err(|e| Error::tensor("<safetensors>", e.to_string()))
     }
 
     /// Loads a safetensors file onto `device`.

@@ -1,18 +1,333 @@
 //! `fedsb-server`: the fedsb coordinator daemon.
-//!
-//! The coordinator (gRPC service, rounds, Fed-SB aggregation, byte ledger) is built on the local
-//! fine-tuning engine in `fedsb-common`; until it lands this binary only says so.
-use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
-/// fedsb coordinator daemon.
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use fedsb_server::config::RunConfig;
+use fedsb_server::coordinator::{Coordinator, ServeOptions};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+/// fedsb coordinator: runs Fed-SB rounds with clients on other machines.
 #[derive(Parser)]
-#[command(name = "fedsb-server", version, about)]
-struct Cli {}
+#[command(name = "fedsb-server", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _ = Cli::parse();
-    anyhow::bail!(
-        "the coordinator daemon is not implemented yet; use `fedsb-client finetune` for local (centralized) \
-         fine-tuning"
-    )
+#[derive(Subcommand)]
+enum Command {
+    /// Run (or resume) a federated run from a TOML config until its last round.
+    Run(RunArgs),
+    /// Make a development CA, a server certificate and client certificates.
+    Certs(CertsArgs),
+    /// Run a whole federation on this machine: the coordinator and N client processes on loopback (TLS),
+    /// the real MiniLM model and Rotten Tomatoes split across the clients.
+    Local(Box<LocalArgs>),
+}
+
+#[derive(Args, Debug)]
+struct LocalArgs {
+    /// Number of client processes.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Rounds.
+    #[arg(long, default_value_t = 5)]
+    rounds: u64,
+    /// Asset folder of scripts/fetch-assets.sh (default $FEDSB_ASSETS or ~/.cache/fedsb/assets).
+    #[arg(long)]
+    assets: Option<PathBuf>,
+    /// Model (default: all-MiniLM-L6-v2 from the assets).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Training data to split over the clients (default: Rotten Tomatoes train).
+    #[arg(long)]
+    train: Option<PathBuf>,
+    /// Held-out data the coordinator evaluates on (default: Rotten Tomatoes test).
+    #[arg(long)]
+    eval: Option<PathBuf>,
+    /// Examples the coordinator evaluates each round (0: all).
+    #[arg(long, default_value_t = 1000)]
+    eval_limit: usize,
+    /// `iid`, or `dirichlet` (non-IID by label, see --dirichlet-alpha).
+    #[arg(long, default_value = "iid")]
+    split: String,
+    /// Concentration of the Dirichlet split (smaller: more skewed).
+    #[arg(long, default_value_t = 0.5)]
+    dirichlet_alpha: f64,
+    /// First examples of the training data kept as the coordinator's public data for the LoRA-SB init.
+    #[arg(long, default_value_t = 256)]
+    public_examples: usize,
+    /// LoRA-SB rank.
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// Local optimizer steps per round.
+    #[arg(long, default_value_t = 20)]
+    local_steps: usize,
+    /// Local batch size.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Local peak learning rate.
+    #[arg(long, default_value_t = 5e-3)]
+    lr: f64,
+    /// Longest sequence in tokens.
+    #[arg(long, default_value_t = 64)]
+    max_len: usize,
+    /// Updates needed to close a round at its deadline (default: all clients).
+    #[arg(long)]
+    quorum: Option<usize>,
+    /// Seconds a round stays open.
+    #[arg(long, default_value_t = 1800)]
+    deadline_secs: u64,
+    /// Wire dtype of updates: f32, bf16, f16.
+    #[arg(long, default_value = "f32")]
+    wire_dtype: String,
+    /// Seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Work folder (certificates, shards, state, logs).
+    #[arg(long, default_value = "fedsb-local")]
+    work_dir: PathBuf,
+    /// The fedsb-client executable (default: next to this one).
+    #[arg(long)]
+    client_exe: Option<PathBuf>,
+    /// Show the clients' output here instead of writing WORK_DIR/client-N.log.
+    #[arg(long)]
+    show_client_output: bool,
+}
+
+/// Transport flags shared by the commands that serve.
+#[derive(Args, Debug, Clone)]
+pub struct TlsArgs {
+    /// Server certificate (PEM).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA whose client certificates are required (mutual TLS; identity = certificate CN). Without it,
+    /// clients identify with a token.
+    #[arg(long)]
+    client_ca: Option<PathBuf>,
+    /// Plaintext HTTP/2, identities from tokens: for tests and trusted networks only.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "client_ca"])]
+    insecure: bool,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// The run configuration (TOML).
+    #[arg(long)]
+    config: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:7443")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Continue the latest run in the state folder from its last completed round.
+    #[arg(long)]
+    resume: bool,
+    /// Override `rounds` of the config.
+    #[arg(long)]
+    rounds: Option<u64>,
+    /// Override `state_dir` of the config.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Seconds to keep serving after the run ends, so clients learn the outcome.
+    #[arg(long, default_value_t = 5)]
+    linger_secs: u64,
+}
+
+#[derive(Args, Debug)]
+struct CertsArgs {
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// DNS names or IP addresses the server certificate is valid for.
+    #[arg(long = "server-name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+    server_names: Vec<String>,
+    /// Client names (certificate CN = client identity), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    clients: Vec<String>,
+    /// Validity in days.
+    #[arg(long, default_value_t = 30)]
+    days: u32,
+}
+
+/// Builds the server TLS config from the flags (`None` with --insecure).
+fn server_tls(t: &TlsArgs) -> Result<Option<ServerTlsConfig>> {
+    if t.insecure {
+        return Ok(None);
+    }
+    let (Some(cert), Some(key)) = (&t.tls_cert, &t.tls_key) else {
+        bail!(
+            "TLS is on by default: pass --tls-cert and --tls-key (make them with `fedsb-server certs`), or --insecure"
+        );
+    };
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = &t.client_ca {
+        cfg = cfg.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(cfg))
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,fedsb_server=info,fedsb=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match Cli::parse().command {
+        Command::Run(a) => run(a),
+        Command::Local(a) => local(*a),
+        Command::Certs(a) => {
+            let c = fedsb_server::certs::make_dev_certs(&a.server_names, &a.clients, a.days)?;
+            fedsb_server::certs::write_dev_certs(&c, &a.out)?;
+            println!(
+                "wrote a development CA, a server certificate for {:?} and {} client certificates to {}",
+                a.server_names,
+                a.clients.len(),
+                a.out.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let mut cfg = RunConfig::load(&a.config)?;
+    if let Some(r) = a.rounds {
+        cfg.rounds = r;
+    }
+    if let Some(d) = a.state_dir {
+        cfg.state_dir = d;
+    }
+    cfg.validate()?;
+    let tls = server_tls(&a.tls)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let opts = ServeOptions { insecure: a.tls.insecure, max_update_bytes: u64::MAX, print_rounds: true };
+    let coord = Arc::new(Coordinator::prepare(&cfg, a.resume, opts)?);
+    let outcome = rt.block_on(async move {
+        let listener =
+            tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
+        tracing::info!(
+            "run {} listening on {} ({})",
+            coord.run_id,
+            listener.local_addr()?,
+            if tls.is_some() { "TLS" } else { "plaintext, --insecure" }
+        );
+        fedsb_server::serve(coord.clone(), listener, tls, Duration::from_secs(a.linger_secs)).await?;
+        anyhow::Ok(coord.engine().outcome().cloned())
+    })?;
+    match outcome {
+        Some(o) if o.status == "completed" => {
+            println!("run completed: {}; final global adapter blob {}", o.message, o.global_sha256);
+            Ok(())
+        }
+        Some(o) => bail!("run failed: {}", o.message),
+        None => bail!("the coordinator stopped before the run ended"),
+    }
+}
+
+fn local(a: LocalArgs) -> Result<()> {
+    use fedsb_server::config::{AdapterSection, ClientsPerRound, EvalSection, InitSection, ModelSection, QuorumMiss};
+    use fedsb_server::local::{LocalFederation, Split};
+    let assets = a
+        .assets
+        .clone()
+        .or_else(|| std::env::var_os("FEDSB_ASSETS").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/fedsb/assets"));
+    let model = a.model.clone().unwrap_or_else(|| assets.join("models/all-minilm-l6-v2"));
+    let train = a.train.clone().unwrap_or_else(|| assets.join("data/rotten-tomatoes/train.jsonl"));
+    let eval = a.eval.clone().unwrap_or_else(|| assets.join("data/rotten-tomatoes/test.jsonl"));
+    for p in [&model, &train, &eval] {
+        if !p.exists() {
+            bail!(
+                "{} is missing: run `bash scripts/fetch-assets.sh` first (or pass --model/--train/--eval)",
+                p.display()
+            );
+        }
+    }
+    let split = match a.split.as_str() {
+        "iid" => Split::Iid,
+        "dirichlet" => Split::Dirichlet(a.dirichlet_alpha),
+        o => bail!("unknown --split `{o}` (iid, dirichlet)"),
+    };
+    let client_exe = match a.client_exe.clone() {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("fedsb-client"),
+    };
+    if !client_exe.exists() {
+        bail!(
+            "{} not found: build it (`cargo build --release -p fedsb-client`) or pass --client-exe",
+            client_exe.display()
+        );
+    }
+    let local = fedsb_common::spec::LocalTraining {
+        steps: Some(a.local_steps),
+        batch_size: a.batch_size,
+        lr: a.lr,
+        max_len: a.max_len,
+        ..Default::default()
+    };
+    let config = RunConfig {
+        rounds: a.rounds,
+        clients_per_round: ClientsPerRound::Count(a.clients),
+        min_clients: Some(a.clients),
+        quorum: Some(a.quorum.unwrap_or(a.clients)),
+        round_deadline_secs: a.deadline_secs,
+        on_quorum_miss: QuorumMiss::Retry,
+        max_retries: 2,
+        seed: a.seed,
+        method: "fedsb".into(),
+        weighting: fedsb_common::aggregate::Weighting::Uniform,
+        wire_dtype: a.wire_dtype.parse()?,
+        max_update_bytes: None,
+        state_dir: a.work_dir.join("state"),
+        model: ModelSection { path: model.clone(), sha256: None, num_labels: 2 },
+        adapter: AdapterSection { rank: a.rank, alpha: None, targets: None },
+        local,
+        init: InitSection {
+            data: a.work_dir.join("data/public.jsonl"),
+            samples: Some(a.batch_size.min(a.public_examples)),
+            batch_size: a.batch_size,
+            eta: None,
+            power_iters: 6,
+            oversample: 8,
+        },
+        eval: Some(EvalSection {
+            data: eval.clone(),
+            limit: (a.eval_limit > 0).then_some(a.eval_limit),
+            batch_size: 32,
+        }),
+    };
+    if a.work_dir.join("state").exists() {
+        bail!("{} already holds a run; pick another --work-dir or remove it", a.work_dir.display());
+    }
+    let fed = LocalFederation {
+        clients: a.clients,
+        model,
+        train,
+        eval: Some(eval),
+        public_examples: a.public_examples,
+        split,
+        config,
+        work_dir: a.work_dir.clone(),
+        client_exe,
+        client_output_inherit: a.show_client_output,
+    };
+    let cfg = fed.prepare()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let outcome = rt.block_on(fed.run(cfg))?;
+    if outcome.status != "completed" {
+        bail!("the run failed: {}", outcome.message);
+    }
+    Ok(())
 }

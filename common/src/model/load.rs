@@ -87,6 +87,23 @@ pub fn weights_sha256(files: &[PathBuf]) -> Result<String> {
     }
 }
 
+/// The files holding the weights of the model at `path` (sorted), without loading them: for hashing the
+/// base model before deciding how to load it.
+pub fn model_weight_files(path: &Path) -> Result<Vec<PathBuf>> {
+    let (format, file) = resolve(path)?;
+    match format {
+        ModelFormat::Gguf => Ok(vec![file]),
+        ModelFormat::HfFolder => {
+            let files: Vec<PathBuf> =
+                list_dir(path)?.into_iter().filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
+            if files.is_empty() {
+                return Err(Error::Model(format!("{}: no *.safetensors weights", path.display())));
+            }
+            Ok(files)
+        }
+    }
+}
+
 /// Loads the model at `path`: a Hugging Face folder, a `.gguf` file, or a folder holding exactly one
 /// `.gguf` file. Llama-family configs give a causal LM; BERT configs a sequence classifier.
 pub fn load_model(path: &Path, device: &Device, opts: &LoadOptions) -> Result<LoadedModel> {

@@ -151,6 +151,14 @@ impl Model {
         Ok(s)
     }
 
+    /// The frozen adapter tensors (LoRA-SB's `B` and `A`, FFA-LoRA's `A`): identical on every client of a run,
+    /// which [`TensorSet::content_hash`] of this set checks.
+    pub fn frozen_adapter_tensors(&self) -> Result<TensorSet> {
+        let all = self.adapter_tensors()?;
+        let trained: std::collections::HashSet<String> = self.trainable().into_iter().map(|(n, _)| n).collect();
+        Ok(all.iter().filter(|(n, _)| !trained.contains(*n)).map(|(n, t)| (n.clone(), t.clone())).collect())
+    }
+
     /// The trained tensors only (what a Fed-SB client sends: the R matrices and the head).
     pub fn trainable_tensors(&self) -> Result<TensorSet> {
         let mut s = TensorSet::new();

@@ -3,6 +3,7 @@
 pub mod data;
 pub mod eval;
 pub mod generate;
+pub mod partition;
 pub mod schedule;
 pub mod trainer;
 

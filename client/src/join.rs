@@ -1,0 +1,360 @@
+//! `fedsb-client join`: take part in a federated run.
+//!
+//! Join (the coordinator checks the base model's hash) → download the LoRA-SB init blob once (chunks,
+//! resumable, hash-verified) → loop: long-poll a task, download the global tensors, train locally, submit
+//! the update (with the hash of the frozen B and A it was trained with). Only outbound connections, so a
+//! client behind NAT works. Lost connections are retried with backoff (bounded, logged).
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use fedsb_common::model::load::{model_weight_files, weights_sha256};
+use fedsb_common::model::{LoadOptions, Model, load_model};
+use fedsb_common::spec::ClientSpec;
+use fedsb_common::train::{Dataset, Encoder, train};
+use fedsb_common::wire::{CHUNK_SIZE, decode_blob, encode_blob, sha256_hex};
+use fedsb_proto::v1 as pb;
+use fedsb_proto::v1::coordinator_client::CoordinatorClient;
+use serde::Serialize;
+use tonic::Request;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::device::parse_device;
+use crate::progress::StepProgress;
+
+/// Metadata key of the client identity in token mode.
+const TOKEN_HEADER: &str = "x-fedsb-client";
+/// Largest gRPC message (a chunk plus headroom), as on the coordinator.
+const MAX_MESSAGE_BYTES: usize = 2 * CHUNK_SIZE + 64 * 1024;
+
+/// Arguments of `fedsb-client join`.
+#[derive(Args, Debug, Clone)]
+pub struct JoinArgs {
+    /// The coordinator, e.g. https://coordinator.example.org:7443 (http:// with --insecure).
+    #[arg(long)]
+    server: String,
+    /// CA certificate that signed the coordinator's certificate (PEM).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// This client's certificate (PEM), for mutual TLS; its CN is the client's identity.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// Identity token when the coordinator does not use client certificates (or runs --insecure).
+    #[arg(long)]
+    token: Option<String>,
+    /// Server name to verify in the coordinator's certificate (default: the host of --server).
+    #[arg(long)]
+    server_name: Option<String>,
+    /// Plaintext connection (the coordinator must run with --insecure).
+    #[arg(long)]
+    insecure: bool,
+    /// The base model (must be the run's: same weights, checked by sha256).
+    #[arg(long)]
+    model: PathBuf,
+    /// This client's private training data (JSONL).
+    #[arg(long)]
+    data: PathBuf,
+    /// Where to keep the final adapter and a summary.
+    #[arg(long, default_value = "fedsb-client-work")]
+    work_dir: PathBuf,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Give up after this many seconds without reaching the coordinator.
+    #[arg(long, default_value_t = 300)]
+    retry_secs: u64,
+    /// Leave the run after this many rounds (default: stay until it ends).
+    #[arg(long)]
+    max_rounds: Option<u64>,
+}
+
+type Rpc = CoordinatorClient<InterceptedService<Channel, TokenInterceptor>>;
+
+/// Adds the identity token to every request.
+#[derive(Clone)]
+struct TokenInterceptor(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for TokenInterceptor {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut().insert(TOKEN_HEADER, t.clone());
+        }
+        Ok(req)
+    }
+}
+
+#[derive(Serialize)]
+struct ClientSummary {
+    client_id: String,
+    run_id: String,
+    init_sha256: String,
+    frozen_sha256: String,
+    rounds_trained: Vec<u64>,
+    status: String,
+    message: String,
+    final_global_sha256: Option<String>,
+}
+
+async fn connect(a: &JoinArgs) -> Result<Rpc> {
+    let mut ep = Endpoint::from_shared(a.server.clone())
+        .with_context(|| format!("bad --server `{}`", a.server))?
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    if !a.insecure {
+        if a.server.starts_with("http://") {
+            bail!(
+                "--server uses http:// but TLS is on; use https:// (or --insecure against an --insecure coordinator)"
+            );
+        }
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &a.ca {
+            tls = tls.ca_certificate(Certificate::from_pem(
+                std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?,
+            ));
+        } else {
+            tls = tls.with_native_roots();
+        }
+        if let (Some(c), Some(k)) = (&a.cert, &a.key) {
+            let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+            tls = tls.identity(Identity::from_pem(read(c)?, read(k)?));
+        }
+        if let Some(n) = &a.server_name {
+            tls = tls.domain_name(n.clone());
+        }
+        ep = ep.tls_config(tls)?;
+    }
+    let channel = ep.connect().await?;
+    let token = match &a.token {
+        Some(t) => Some(t.parse().map_err(|_| anyhow!("--token must be ASCII"))?),
+        None => None,
+    };
+    Ok(CoordinatorClient::with_interceptor(channel, TokenInterceptor(token))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// Whether an RPC error means "the connection is gone, try again" rather than a refusal.
+fn transient(s: &tonic::Status) -> bool {
+    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
+}
+
+/// Retries `f` on transient errors with exponential backoff until `budget` elapses, reconnecting.
+async fn with_retry<T, F, Fut>(a: &JoinArgs, rpc: &mut Rpc, what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut(Rpc) -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match f(rpc.clone()).await {
+            Ok(v) => return Ok(v),
+            Err(s) if transient(&s) && start.elapsed() < Duration::from_secs(a.retry_secs) => {
+                tracing::warn!("{what}: {} — retrying in {:.1}s", s.message(), delay.as_secs_f64());
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+                match connect(a).await {
+                    Ok(c) => *rpc = c,
+                    Err(e) => tracing::warn!("reconnecting: {e:#}"),
+                }
+            }
+            Err(s) => bail!("{what}: {} ({:?})", s.message(), s.code()),
+        }
+    }
+}
+
+/// Downloads a blob (resuming at the last offset after a lost connection) and checks its sha256.
+async fn fetch_blob(a: &JoinArgs, rpc: &mut Rpc, blob: &pb::BlobRef) -> Result<Vec<u8>> {
+    let mut bytes: Vec<u8> = Vec::with_capacity(blob.size as usize);
+    let start = Instant::now();
+    while (bytes.len() as u64) < blob.size {
+        let offset = bytes.len() as u64;
+        let req = pb::FetchBlobRequest { sha256: blob.sha256.clone(), offset };
+        let mut stream = with_retry(a, rpc, "fetching a blob", |mut c| {
+            let req = req.clone();
+            async move { c.fetch_blob(req).await.map(|r| r.into_inner()) }
+        })
+        .await?;
+        loop {
+            match stream.message().await {
+                Ok(Some(chunk)) => {
+                    if chunk.offset != bytes.len() as u64 {
+                        bail!("blob chunk at offset {} but {} bytes were received", chunk.offset, bytes.len());
+                    }
+                    bytes.extend_from_slice(&chunk.data);
+                    if bytes.len() as u64 > blob.size {
+                        bail!("the coordinator sent more than the blob's {} bytes", blob.size);
+                    }
+                }
+                Ok(None) => break,
+                Err(s) if transient(&s) && start.elapsed() < Duration::from_secs(a.retry_secs) => {
+                    tracing::warn!("download interrupted at {} bytes: {}", bytes.len(), s.message());
+                    break;
+                }
+                Err(s) => bail!("fetching a blob: {}", s.message()),
+            }
+        }
+    }
+    let got = sha256_hex(&bytes);
+    if got != blob.sha256 {
+        bail!("downloaded blob has sha256 {got}, expected {}: refusing to use it", blob.sha256);
+    }
+    Ok(bytes)
+}
+
+/// Runs `fedsb-client join`.
+pub fn run(a: JoinArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().worker_threads(2).build()?;
+    rt.block_on(session(a))
+}
+
+async fn session(a: JoinArgs) -> Result<()> {
+    let device = parse_device(&a.device)?;
+    let data = Dataset::load_jsonl(&a.data)?;
+    let files = model_weight_files(&a.model)?;
+    let base_sha = weights_sha256(&files)?;
+    let mut rpc = connect(&a).await.with_context(|| format!("connecting to {}", a.server))?;
+    let join = pb::JoinRequest {
+        base_model_sha256: base_sha.clone(),
+        num_examples: data.len() as u64,
+        client_version: env!("CARGO_PKG_VERSION").into(),
+        token: a.token.clone().unwrap_or_default(),
+    };
+    let reply = with_retry(&a, &mut rpc, "joining", |mut c| {
+        let join = join.clone();
+        async move { c.join(join).await.map(|r| r.into_inner()) }
+    })
+    .await?;
+    let spec: ClientSpec = serde_json::from_str(&reply.run_spec_json).context("the run spec")?;
+    let client_id = reply.client_id.clone();
+    eprintln!("[{client_id}] joined run {} ({} examples)", reply.run_id, data.len());
+    let init_ref = reply.init_blob.ok_or_else(|| anyhow!("the coordinator sent no init blob"))?;
+    let init_bytes = fetch_blob(&a, &mut rpc, &init_ref).await?;
+    let opts = LoadOptions { num_labels: spec.num_labels, head_seed: spec.seed, tokenizer: None };
+    let loaded = load_model(&a.model, &device, &opts)?;
+    let mut model: Model = loaded.model.clone();
+    let init = decode_blob(&init_bytes, &device)?;
+    model.attach_adapters(&spec.adapter, Some(&init))?;
+    let frozen_sha256 = model.frozen_adapter_tensors()?.content_hash()?;
+    eprintln!(
+        "[{client_id}] init blob {}… verified; frozen B/A hash {}…",
+        &init_ref.sha256[..12],
+        &frozen_sha256[..12]
+    );
+    let enc = Encoder::new(&loaded.tokenizer, model.task(), spec.local.max_len);
+    let local = enc.encode_all(&data).context("tokenizing the local data")?;
+    let pad = loaded.tokenizer.pad_id();
+    std::fs::create_dir_all(&a.work_dir).with_context(|| format!("creating {}", a.work_dir.display()))?;
+    let mut summary = ClientSummary {
+        client_id: client_id.clone(),
+        run_id: reply.run_id.clone(),
+        init_sha256: init_ref.sha256.clone(),
+        frozen_sha256: frozen_sha256.clone(),
+        rounds_trained: vec![],
+        status: "running".into(),
+        message: String::new(),
+        final_global_sha256: None,
+    };
+    loop {
+        let req = pb::GetTaskRequest { run_id: reply.run_id.clone(), wait_ms: 20_000 };
+        let task = with_retry(&a, &mut rpc, "waiting for a task", |mut c| {
+            let req = req.clone();
+            async move { c.get_task(req).await.map(|r| r.into_inner()) }
+        })
+        .await?;
+        match task.reply {
+            Some(pb::get_task_reply::Reply::Wait(w)) => {
+                tracing::debug!("waiting: {}", w.reason);
+                tokio::time::sleep(Duration::from_millis(w.retry_after_ms.min(5000) as u64)).await;
+            }
+            Some(pb::get_task_reply::Reply::Task(t)) => {
+                let global_ref = t.global.clone().ok_or_else(|| anyhow!("task without a global blob"))?;
+                let global = decode_blob(&fetch_blob(&a, &mut rpc, &global_ref).await?, &device)?;
+                model.load_trainable(&global)?;
+                let cfg = spec.local.train_config(spec.seed, t.round);
+                let total = cfg.total_steps(local.len());
+                eprintln!("[{client_id}] round {}: training {total} steps on {} examples", t.round, local.len());
+                let (m, l, c) = (model.clone(), local.clone(), cfg.clone());
+                let label = format!("{client_id} r{}", t.round);
+                let summary_t = tokio::task::spawn_blocking(move || {
+                    let mut prog = StepProgress::new(total, &label);
+                    let s = train(&m, &l, &c, pad, &mut |r| prog.step(r));
+                    prog.finish();
+                    s
+                })
+                .await??;
+                let update = model.trainable_tensors()?;
+                let blob = encode_blob(&update, spec.wire_dtype)?;
+                // Kept for audits: what this client sent in each round.
+                let kept = a.work_dir.join("updates").join(format!("round-{}.safetensors", t.round));
+                fedsb_common::tensors::write_atomic(&kept, &blob.bytes)?;
+                let header = pb::UpdateHeader {
+                    run_id: t.run_id.clone(),
+                    round: t.round,
+                    task_id: t.task_id.clone(),
+                    num_examples: local.len() as u64,
+                    steps: summary_t.steps as u32,
+                    train_loss: summary_t.final_loss,
+                    blob: Some(pb::BlobRef { sha256: blob.sha256.clone(), size: blob.bytes.len() as u64 }),
+                    frozen_sha256: frozen_sha256.clone(),
+                };
+                let bytes = std::sync::Arc::new(blob.bytes);
+                let res = with_retry(&a, &mut rpc, "submitting the update", |mut c| {
+                    let mut msgs = vec![pb::UpdateChunk { part: Some(pb::update_chunk::Part::Header(header.clone())) }];
+                    for chunk in bytes.chunks(CHUNK_SIZE) {
+                        msgs.push(pb::UpdateChunk { part: Some(pb::update_chunk::Part::Data(chunk.to_vec())) });
+                    }
+                    async move { c.submit_update(tokio_stream::iter(msgs)).await.map(|r| r.into_inner()) }
+                })
+                .await;
+                match res {
+                    Ok(r) => eprintln!(
+                        "[{client_id}] round {}: update sent ({} bytes, loss {:.4}): {}",
+                        t.round,
+                        bytes.len(),
+                        summary_t.final_loss,
+                        r.message
+                    ),
+                    // A refused update (deadline passed, round closed) is not fatal: wait for the next task.
+                    Err(e) => eprintln!("[{client_id}] round {}: update refused: {e:#}", t.round),
+                }
+                summary.rounds_trained.push(t.round);
+                if a.max_rounds.is_some_and(|n| summary.rounds_trained.len() as u64 >= n) {
+                    summary.status = "left".into();
+                    summary.message = format!("left after {} rounds (--max-rounds)", summary.rounds_trained.len());
+                    write_summary(&a.work_dir, &summary)?;
+                    return Ok(());
+                }
+            }
+            Some(pb::get_task_reply::Reply::Finished(f)) => {
+                if let Some(g) = &f.global {
+                    let global = decode_blob(&fetch_blob(&a, &mut rpc, g).await?, &device)?;
+                    model.load_trainable(&global)?;
+                    model.adapter_tensors()?.save(&a.work_dir.join("final_adapter.safetensors"))?;
+                    summary.final_global_sha256 = Some(g.sha256.clone());
+                }
+                summary.status = f.status.clone();
+                summary.message = f.message.clone();
+                write_summary(&a.work_dir, &summary)?;
+                eprintln!("[{client_id}] run {}: {}", f.status, f.message);
+                if f.status == "completed" {
+                    return Ok(());
+                }
+                bail!("the run failed: {}", f.message);
+            }
+            None => bail!("the coordinator sent an empty reply"),
+        }
+    }
+}
+
+fn write_summary(dir: &Path, s: &ClientSummary) -> Result<()> {
+    let p = dir.join("client_summary.json");
+    std::fs::write(&p, serde_json::to_string_pretty(s)?).with_context(|| format!("writing {}", p.display()))
+}

@@ -1,0 +1,768 @@
+//! [`Coordinator`]: one federated run — the round engine, the store, the blobs being served, the byte
+//! ledger being filled and the evaluation of each new global model. The gRPC handlers in `service.rs` call
+//! it; it never sees tonic types, and the round engine never sees I/O.
+//!
+//! Round closing: the aggregate is encoded as a blob and written durably, evaluated, then the round row and
+//! its ledger rows are committed in one transaction, and only then does the engine install the new global
+//! (so a crash never leaves a half round; `--resume` continues from the last committed round).
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use candle_core::Device;
+use fedsb_common::TensorSet;
+use fedsb_common::adapter::init::{InitConfig, lora_sb_init};
+use fedsb_common::adapter::{AdapterConfig, AdapterKind};
+use fedsb_common::aggregate::{Weighting, make_aggregator};
+use fedsb_common::comm::ledger::{ByteLedger, Direction, LedgerEntry, Transfer};
+use fedsb_common::model::{LoadOptions, Model, TaskKind, load_model};
+use fedsb_common::spec::ClientSpec;
+use fedsb_common::train::data::Encoded;
+use fedsb_common::train::eval::{EvalReport, evaluate};
+use fedsb_common::train::{Dataset, Encoder, LrSchedule};
+use fedsb_common::wire::{WireDtype, encode_blob};
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::config::RunConfig;
+use crate::net::Counters;
+use crate::round::{ClosedRound, Event, RoundEngine, RoundPolicy};
+use crate::store::{LedgerRow, RoundRecord, RunRecord, Store};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it (state changes are all-or-nothing).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A blob the coordinator serves.
+#[derive(Clone, Debug)]
+pub struct ServedBlob {
+    /// The bytes.
+    pub bytes: Arc<Vec<u8>>,
+    /// Tensor bytes (payload) in it.
+    pub payload_bytes: u64,
+}
+
+/// Evaluation of the global model on held-out data.
+struct Evaluator {
+    model: Model,
+    data: Vec<Encoded>,
+    batch_size: usize,
+    pad: u32,
+}
+
+/// The byte ledger of the open round, plus per-client wire counters at its opening.
+#[derive(Default)]
+struct Pending {
+    round: u64,
+    entries: Vec<LedgerEntry>,
+    wire_at_open: HashMap<String, (u64, u64)>,
+}
+
+/// One line of `metrics.jsonl` and of the coordinator's round log.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoundMetrics {
+    /// Round number.
+    pub round: u64,
+    /// Attempt.
+    pub attempt: u32,
+    /// "completed" or "failed".
+    pub status: String,
+    /// Sampled clients.
+    pub sampled: Vec<String>,
+    /// Clients whose update was aggregated.
+    pub contributed: Vec<String>,
+    /// Sampled clients that sent nothing.
+    pub lost: Vec<String>,
+    /// Mean local training loss of the contributors.
+    pub mean_train_loss: Option<f64>,
+    /// The coordinator's evaluation of the new global model.
+    pub eval: Option<EvalReport>,
+    /// Seconds from opening to closing.
+    pub seconds: f64,
+    /// Bytes up per contributing client (payload), and the analytic minimum.
+    pub up_payload_per_client: u64,
+    /// Bytes down per sampled client (payload).
+    pub down_payload_per_client: u64,
+    /// Sum of up/down message and wire bytes over the round's clients.
+    pub up_message_bytes: u64,
+    /// Sum of down message bytes.
+    pub down_message_bytes: u64,
+    /// Sum of up wire bytes.
+    pub up_wire_bytes: u64,
+    /// Sum of down wire bytes.
+    pub down_wire_bytes: u64,
+    /// The analytic minimum per client per direction.
+    pub analytic_min_bytes: u64,
+}
+
+/// Settings of the transport around a run.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Plaintext, identities from tokens (tests, trusted networks only).
+    pub insecure: bool,
+    /// Largest update blob accepted.
+    pub max_update_bytes: u64,
+    /// Print a line per round to stdout.
+    pub print_rounds: bool,
+}
+
+/// One federated run (see the module docs).
+pub struct Coordinator {
+    /// The run's id.
+    pub run_id: String,
+    /// The spec clients receive at Join, as JSON.
+    pub spec_json: String,
+    /// The spec.
+    pub spec: ClientSpec,
+    /// sha256 of the init blob.
+    pub init_sha256: String,
+    /// sha256 of the frozen tensors (B, A) every update must have been trained with.
+    pub frozen_sha256: String,
+    /// Transport settings.
+    pub opts: ServeOptions,
+    engine: Mutex<RoundEngine>,
+    store: Mutex<Store>,
+    blobs: Mutex<HashMap<String, ServedBlob>>,
+    pending: Mutex<Pending>,
+    init_ledger: Mutex<Vec<LedgerEntry>>,
+    conns: Mutex<HashMap<String, Vec<Arc<Counters>>>>,
+    evaluator: Option<Mutex<Evaluator>>,
+    analytic_min_bytes: u64,
+    rounds: u64,
+    metrics_path: PathBuf,
+    /// Woken whenever the phase changes (round opened, closed, run finished).
+    pub notify: Notify,
+}
+
+fn adapter_config(cfg: &RunConfig, task: TaskKind) -> AdapterConfig {
+    let default: &[&str] = match task {
+        TaskKind::CausalLm => &["q", "k", "v", "o", "gate", "up", "down"],
+        TaskKind::Classification => &["query", "value", "attention.output.dense", "output.dense"],
+    };
+    let mut a = AdapterConfig::new(AdapterKind::LoraSb, cfg.adapter.rank, default);
+    if let Some(t) = &cfg.adapter.targets {
+        a.targets = t.clone();
+    }
+    a.alpha = cfg.adapter.alpha.unwrap_or(cfg.adapter.rank as f64);
+    a.seed = cfg.seed;
+    a
+}
+
+impl Coordinator {
+    /// Sets up a run from `cfg`: a fresh one (computing the LoRA-SB init on the coordinator's init data), or
+    /// with `resume` the latest run in the state folder, from its last committed round.
+    pub fn prepare(cfg: &RunConfig, resume: bool, opts: ServeOptions) -> Result<Self> {
+        std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+        let store = Store::open(&cfg.state_dir).context("opening the state database")?;
+        let dev = Device::Cpu;
+        tracing::info!("loading the base model {}", cfg.model.path.display());
+        let loaded = load_model(
+            &cfg.model.path,
+            &dev,
+            &LoadOptions { num_labels: cfg.model.num_labels, head_seed: cfg.seed, tokenizer: None },
+        )
+        .with_context(|| format!("loading {}", cfg.model.path.display()))?;
+        let base_sha = loaded.weights_sha256()?;
+        if let Some(want) = &cfg.model.sha256
+            && want != &base_sha
+        {
+            bail!("the base model's weights have sha256 {base_sha}, but the config requires {want}");
+        }
+        let task = loaded.model.task();
+        let adapter = adapter_config(cfg, task);
+        let mut model = loaded.model.clone();
+        let (run, init, completed, global_sha) = if resume {
+            let run = store.latest_run()?.ok_or_else(|| anyhow!("--resume: no run in {}", cfg.state_dir.display()))?;
+            let spec: ClientSpec = serde_json::from_str(&run.spec_json).context("the stored run spec")?;
+            if spec.base_model_sha256 != base_sha {
+                bail!("--resume: the run used base weights {}, these are {base_sha}", spec.base_model_sha256);
+            }
+            let init = fedsb_common::wire::decode_blob(&store.get_blob(&run.init_sha256)?, &dev)?;
+            let last = store.last_completed_round(&run.run_id)?;
+            let (completed, global_sha) = match last {
+                Some(r) => (r.round, r.global_sha256.clone()),
+                None => (0, None),
+            };
+            tracing::info!("resuming run {} after round {completed}", run.run_id);
+            (run, init, completed, global_sha)
+        } else {
+            let init_ds = Dataset::load_jsonl(&cfg.init.data).context("the init data")?;
+            let enc = Encoder::new(&loaded.tokenizer, task, cfg.local.max_len);
+            let init_data = enc.encode_all(&init_ds).context("tokenizing the init data")?;
+            let local_steps = cfg.local.steps.unwrap_or(100);
+            let eta = cfg.init.eta.unwrap_or_else(|| {
+                LrSchedule::new(cfg.local.lr, cfg.local.warmup_ratio, local_steps, cfg.local.schedule).first_lr()
+            });
+            let icfg = InitConfig {
+                samples: cfg
+                    .init
+                    .samples
+                    .unwrap_or_else(|| InitConfig::default_samples(init_data.len(), cfg.init.batch_size)),
+                batch_size: cfg.init.batch_size,
+                eta,
+                oversample: cfg.init.oversample,
+                power_iters: cfg.init.power_iters,
+                seed: cfg.seed,
+            };
+            tracing::info!("LoRA-SB init on {} samples of {} (η = {eta:.3e})", icfg.samples, cfg.init.data.display());
+            let (init, rep) =
+                lora_sb_init(&mut model, &adapter, &init_data, &icfg, loaded.tokenizer.pad_id(), &mut |_, _| {})?;
+            tracing::info!("LoRA-SB init: {} matrices in {:.1}s", rep.layers, rep.gradient_seconds + rep.svd_seconds);
+            let init_blob = encode_blob(&init, WireDtype::F32)?;
+            let init_sha = store.put_blob(&init_blob.bytes)?;
+            let run_id = format!("run-{}", now_ms());
+            let spec = ClientSpec {
+                run_id: run_id.clone(),
+                base_model_sha256: base_sha.clone(),
+                task,
+                num_labels: cfg.model.num_labels,
+                method: cfg.method.clone(),
+                adapter: adapter.clone(),
+                local: cfg.local.clone(),
+                wire_dtype: cfg.wire_dtype,
+                seed: cfg.seed,
+            };
+            let run = RunRecord {
+                run_id,
+                spec_json: serde_json::to_string(&spec)?,
+                init_sha256: init_sha,
+                created_unix_ms: now_ms(),
+                status: "running".into(),
+                message: String::new(),
+            };
+            store.create_run(&run)?;
+            (run, init, 0, None)
+        };
+        let spec: ClientSpec = serde_json::from_str(&run.spec_json)?;
+        model.attach_adapters(&spec.adapter, Some(&init))?;
+        let frozen_sha256 = model.frozen_adapter_tensors()?.content_hash()?;
+        // The starting global: R0 and the seeded head (recomputed on resume: deterministic).
+        let global0 = model.trainable_tensors()?;
+        let g0 = encode_blob(&global0, WireDtype::F32)?;
+        let g0_sha = store.put_blob(&g0.bytes)?;
+        let (global, global_sha) = match global_sha {
+            Some(sha) => (fedsb_common::wire::decode_blob(&store.get_blob(&sha)?, &dev)?, sha),
+            None => (global0, g0_sha),
+        };
+        let analytic_min_bytes = global.num_values() as u64 * spec.wire_dtype.bytes_per_value();
+        let evaluator = match &cfg.eval {
+            Some(e) => {
+                let mut ds = Dataset::load_jsonl(&e.data).context("the evaluation data")?;
+                if let Some(n) = e.limit {
+                    ds = ds.take(n);
+                }
+                let data = Encoder::new(&loaded.tokenizer, task, cfg.local.max_len).encode_all(&ds)?;
+                Some(Mutex::new(Evaluator {
+                    model: model.clone(),
+                    data,
+                    batch_size: e.batch_size,
+                    pad: loaded.tokenizer.pad_id(),
+                }))
+            }
+            None => None,
+        };
+        let policy = RoundPolicy {
+            rounds: cfg.rounds,
+            clients_per_round: cfg.clients_per_round,
+            min_clients: cfg.min_clients(),
+            quorum: cfg.quorum,
+            deadline_ms: cfg.round_deadline_secs * 1000,
+            on_quorum_miss: cfg.on_quorum_miss,
+            max_retries: cfg.max_retries,
+            seed: cfg.seed,
+        };
+        let aggregator = make_aggregator(&spec.method, cfg.weighting)?;
+        let engine = RoundEngine::new(
+            run.run_id.clone(),
+            policy,
+            aggregator,
+            cfg.weighting == Weighting::NumExamples,
+            global.clone(),
+            global_sha.clone(),
+            completed,
+        );
+        let mut blobs = HashMap::new();
+        blobs.insert(
+            run.init_sha256.clone(),
+            ServedBlob {
+                bytes: Arc::new(store.get_blob(&run.init_sha256)?),
+                payload_bytes: init.num_values() as u64 * 4,
+            },
+        );
+        blobs.insert(
+            global_sha.clone(),
+            ServedBlob { bytes: Arc::new(store.get_blob(&global_sha)?), payload_bytes: global.num_values() as u64 * 4 },
+        );
+        let max_update = cfg.max_update_bytes.unwrap_or(4 * (global.num_values() as u64 * 4) + (1 << 20));
+        Ok(Self {
+            run_id: run.run_id.clone(),
+            spec_json: run.spec_json.clone(),
+            spec,
+            init_sha256: run.init_sha256.clone(),
+            frozen_sha256,
+            opts: ServeOptions { max_update_bytes: max_update.min(opts.max_update_bytes), ..opts },
+            engine: Mutex::new(engine),
+            store: Mutex::new(store),
+            blobs: Mutex::new(blobs),
+            pending: Mutex::new(Pending::default()),
+            init_ledger: Mutex::new(Vec::new()),
+            conns: Mutex::new(HashMap::new()),
+            evaluator,
+            analytic_min_bytes,
+            rounds: cfg.rounds,
+            metrics_path: cfg.state_dir.join("metrics.jsonl"),
+            notify: Notify::new(),
+        })
+    }
+
+    /// The round engine, locked.
+    pub fn engine(&self) -> MutexGuard<'_, RoundEngine> {
+        lock(&self.engine)
+    }
+
+    /// The store, locked.
+    pub fn store(&self) -> MutexGuard<'_, Store> {
+        lock(&self.store)
+    }
+
+    /// A blob being served, by sha256.
+    pub fn blob(&self, sha256: &str) -> Option<ServedBlob> {
+        lock(&self.blobs).get(sha256).cloned()
+    }
+
+    /// The analytic minimum bytes per client per direction of one round.
+    pub fn analytic_min_bytes(&self) -> u64 {
+        self.analytic_min_bytes
+    }
+
+    /// Associates a connection's counters with a client (wire bytes are counted per client).
+    pub fn register_connection(&self, client: &str, counters: &Arc<Counters>) {
+        let mut conns = lock(&self.conns);
+        let v = conns.entry(client.to_string()).or_default();
+        if !v.iter().any(|c| Arc::ptr_eq(c, counters)) {
+            v.push(counters.clone());
+        }
+    }
+
+    fn wire_totals(&self, client: &str) -> (u64, u64) {
+        lock(&self.conns)
+            .get(client)
+            .map_or((0, 0), |v| v.iter().fold((0, 0), |(r, w), c| (r + c.read(), w + c.written())))
+    }
+
+    /// Records traffic of the open round (task reply and download of the global, upload of an update);
+    /// repeated calls for the same client and direction add up.
+    pub fn record_round_traffic(&self, round: u64, client: &str, direction: Direction, payload: u64, message: u64) {
+        let mut p = lock(&self.pending);
+        if p.round != round {
+            return;
+        }
+        match p.entries.iter_mut().find(|e| e.client == client && e.direction == direction) {
+            Some(e) => {
+                e.payload_bytes += payload;
+                e.message_bytes += message;
+            }
+            None => p.entries.push(LedgerEntry {
+                round,
+                client: client.to_string(),
+                direction,
+                transfer: Transfer::Round,
+                payload_bytes: payload,
+                message_bytes: message,
+                wire_bytes: None,
+                analytic_min_bytes: self.analytic_min_bytes,
+            }),
+        }
+    }
+
+    /// Records a download of a global blob by a client sampled in the open round.
+    pub fn record_global_download(&self, client: &str, sha256: &str, payload: u64, message: u64) {
+        let round = {
+            let p = lock(&self.pending);
+            p.wire_at_open.contains_key(client).then_some(p.round)
+        };
+        match round {
+            Some(r) => self.record_round_traffic(r, client, Direction::Down, payload, message),
+            None => tracing::debug!("{client} downloaded {sha256} outside a round it is sampled in"),
+        }
+    }
+
+    /// Records a client's one-time init download (with the wire bytes its connection carried meanwhile).
+    pub fn record_init_download(&self, client: &str, payload: u64, message: u64, wire: Option<u64>) {
+        let entry = LedgerEntry {
+            round: 0,
+            client: client.to_string(),
+            direction: Direction::Down,
+            transfer: Transfer::Init,
+            payload_bytes: payload,
+            message_bytes: message,
+            wire_bytes: wire,
+            analytic_min_bytes: payload,
+        };
+        let row = ledger_row(&entry);
+        lock(&self.init_ledger).push(entry);
+        if let Err(e) = self.store().add_ledger(&self.run_id, &[row]) {
+            tracing::warn!("could not record the init download of {client}: {e}");
+        }
+    }
+
+    /// Wire bytes (read, written) of `client`'s connections so far.
+    pub fn client_wire(&self, client: &str) -> (u64, u64) {
+        self.wire_totals(client)
+    }
+
+    /// Advances the engine's clock; call every ~100 ms.
+    pub fn tick(self: &Arc<Self>) {
+        let ev = self.engine().tick(now_ms());
+        self.handle(ev);
+    }
+
+    /// Acts on an engine event (from `tick` or a submit).
+    pub fn handle(self: &Arc<Self>, ev: Result<Option<Event>, crate::round::Reject>) {
+        match ev {
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!("round engine: {e}");
+                self.engine().abort(format!("the round engine failed: {e}"));
+                self.finish_run();
+            }
+            Ok(Some(Event::Opened { round, attempt, sampled })) => {
+                let snap: HashMap<String, (u64, u64)> =
+                    sampled.iter().map(|c| (c.clone(), self.wire_totals(c))).collect();
+                *lock(&self.pending) = Pending { round, entries: Vec::new(), wire_at_open: snap };
+                tracing::info!("round {round} opened (attempt {attempt}): sampled {}", sampled.join(", "));
+                self.notify.notify_waiters();
+            }
+            Ok(Some(Event::Closed(c))) => {
+                let me = self.clone();
+                // Encoding, writing and evaluating take a while: off the async threads.
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = me.persist_closed(*c) {
+                        tracing::error!("could not persist the round: {e:#}");
+                        me.engine().abort(format!("could not persist the round: {e:#}"));
+                    }
+                    me.after_phase_change();
+                });
+            }
+            Ok(Some(Event::Failed { round, attempt, sampled, contributed, opened_ms, retry })) => {
+                let lost: Vec<String> = sampled.iter().filter(|c| !contributed.contains(c)).cloned().collect();
+                let ledger = self.take_round_ledger(round, &sampled);
+                let rec = RoundRecord {
+                    round,
+                    attempt,
+                    status: "failed".into(),
+                    global_sha256: None,
+                    opened_unix_ms: opened_ms,
+                    closed_unix_ms: now_ms(),
+                    sampled: sampled.clone(),
+                    contributed: contributed.clone(),
+                    lost: lost.clone(),
+                    mean_train_loss: None,
+                    eval_json: None,
+                };
+                if let Err(e) =
+                    self.store().commit_round(&self.run_id, &rec, &ledger.iter().map(ledger_row).collect::<Vec<_>>())
+                {
+                    tracing::error!("could not record the failed round: {e}");
+                }
+                let line = format!(
+                    "round {round} attempt {attempt} FAILED: {} of {} sampled clients answered before the deadline (lost: {}){}",
+                    contributed.len(),
+                    sampled.len(),
+                    lost.join(", "),
+                    if retry { "; sampling again" } else { "; the run stops" }
+                );
+                if self.opts.print_rounds {
+                    println!("{line}");
+                } else {
+                    tracing::warn!("{line}");
+                }
+                self.write_metrics(&RoundMetrics {
+                    round,
+                    attempt,
+                    status: "failed".into(),
+                    sampled,
+                    contributed,
+                    lost,
+                    mean_train_loss: None,
+                    eval: None,
+                    seconds: (now_ms().saturating_sub(opened_ms)) as f64 / 1e3,
+                    up_payload_per_client: 0,
+                    down_payload_per_client: 0,
+                    up_message_bytes: 0,
+                    down_message_bytes: 0,
+                    up_wire_bytes: 0,
+                    down_wire_bytes: 0,
+                    analytic_min_bytes: self.analytic_min_bytes,
+                });
+                self.after_phase_change();
+            }
+        }
+    }
+
+    fn after_phase_change(&self) {
+        if self.engine().outcome().is_some() {
+            self.finish_run();
+        }
+        self.notify.notify_waiters();
+    }
+
+    fn finish_run(&self) {
+        let outcome = self.engine().outcome().cloned();
+        if let Some(o) = outcome
+            && let Err(e) = self.store().set_run_status(&self.run_id, &o.status, &o.message)
+        {
+            tracing::error!("could not record the run's end: {e}");
+        }
+        self.notify.notify_waiters();
+    }
+
+    /// The ledger entries of `round` plus wire deltas since it opened, for the clients in `clients`.
+    fn take_round_ledger(&self, round: u64, clients: &[String]) -> Vec<LedgerEntry> {
+        let mut p = lock(&self.pending);
+        if p.round != round {
+            return Vec::new();
+        }
+        let mut entries = std::mem::take(&mut p.entries);
+        for c in clients {
+            let (r0, w0) = p.wire_at_open.get(c).copied().unwrap_or((0, 0));
+            let (r1, w1) = self.wire_totals(c);
+            for (dir, bytes) in [(Direction::Up, r1.saturating_sub(r0)), (Direction::Down, w1.saturating_sub(w0))] {
+                match entries.iter_mut().find(|e| &e.client == c && e.direction == dir) {
+                    Some(e) => e.wire_bytes = Some(bytes),
+                    None if bytes > 0 => entries.push(LedgerEntry {
+                        round,
+                        client: c.clone(),
+                        direction: dir,
+                        transfer: Transfer::Round,
+                        payload_bytes: 0,
+                        message_bytes: 0,
+                        wire_bytes: Some(bytes),
+                        analytic_min_bytes: self.analytic_min_bytes,
+                    }),
+                    None => {}
+                }
+            }
+        }
+        entries
+    }
+
+    fn persist_closed(self: &Arc<Self>, c: ClosedRound) -> Result<()> {
+        let blob = encode_blob(&c.global, WireDtype::F32)?;
+        let sha = self.store().put_blob(&blob.bytes)?;
+        let eval = match &self.evaluator {
+            Some(ev) => {
+                let ev = lock(ev);
+                ev.model.load_trainable(&c.global)?;
+                Some(evaluate(&ev.model, &ev.data, ev.batch_size, ev.pad)?)
+            }
+            None => None,
+        };
+        let ledger = self.take_round_ledger(c.round, &c.sampled);
+        let contributed: Vec<String> = c.contributed.iter().map(|(n, _)| n.clone()).collect();
+        let mean_loss = if c.contributed.is_empty() {
+            None
+        } else {
+            Some(c.contributed.iter().map(|(_, m)| m.train_loss).sum::<f64>() / c.contributed.len() as f64)
+        };
+        let rec = RoundRecord {
+            round: c.round,
+            attempt: c.attempt,
+            status: "completed".into(),
+            global_sha256: Some(sha.clone()),
+            opened_unix_ms: c.opened_ms,
+            closed_unix_ms: c.closed_ms,
+            sampled: c.sampled.clone(),
+            contributed: contributed.clone(),
+            lost: c.lost.clone(),
+            mean_train_loss: mean_loss,
+            eval_json: eval.as_ref().map(serde_json::to_string).transpose()?,
+        };
+        self.store().commit_round(&self.run_id, &rec, &ledger.iter().map(ledger_row).collect::<Vec<_>>())?;
+        lock(&self.blobs)
+            .insert(sha.clone(), ServedBlob { bytes: Arc::new(blob.bytes), payload_bytes: blob.payload_bytes });
+        let sum = |dir: Direction, f: &dyn Fn(&LedgerEntry) -> u64| -> u64 {
+            ledger.iter().filter(|e| e.direction == dir).map(f).sum()
+        };
+        let per_client = |dir: Direction| -> u64 {
+            ledger
+                .iter()
+                .filter(|e| e.direction == dir && e.payload_bytes > 0)
+                .map(|e| e.payload_bytes)
+                .max()
+                .unwrap_or(0)
+        };
+        let m = RoundMetrics {
+            round: c.round,
+            attempt: c.attempt,
+            status: "completed".into(),
+            sampled: c.sampled,
+            contributed,
+            lost: c.lost,
+            mean_train_loss: mean_loss,
+            eval,
+            seconds: (c.closed_ms.saturating_sub(c.opened_ms)) as f64 / 1e3,
+            up_payload_per_client: per_client(Direction::Up),
+            down_payload_per_client: per_client(Direction::Down),
+            up_message_bytes: sum(Direction::Up, &|e| e.message_bytes),
+            down_message_bytes: sum(Direction::Down, &|e| e.message_bytes),
+            up_wire_bytes: sum(Direction::Up, &|e| e.wire_bytes.unwrap_or(0)),
+            down_wire_bytes: sum(Direction::Down, &|e| e.wire_bytes.unwrap_or(0)),
+            analytic_min_bytes: self.analytic_min_bytes,
+        };
+        self.write_metrics(&m);
+        self.print_round(&m);
+        // Only now does the new global become the run's.
+        self.engine().commit(c.round, c.global, sha);
+        Ok(())
+    }
+
+    fn write_metrics(&self, m: &RoundMetrics) {
+        use std::io::Write;
+        let line = match serde_json::to_string(m) {
+            Ok(l) => l,
+            Err(e) => return tracing::warn!("metrics: {e}"),
+        };
+        let r = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.metrics_path)
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = r {
+            tracing::warn!("could not append to {}: {e}", self.metrics_path.display());
+        }
+    }
+
+    fn print_round(&self, m: &RoundMetrics) {
+        let eval = match &m.eval {
+            Some(e) => match e.accuracy {
+                Some(a) => format!("held-out accuracy {:.2}% (loss {:.4})", 100.0 * a, e.loss),
+                None => format!("held-out loss {:.4}", e.loss),
+            },
+            None => "no evaluation".into(),
+        };
+        let line = format!(
+            "round {}/{}: {} clients (lost {}), mean local loss {}, {eval}, up {} / down {} per client (min {}), wire up {} down {}, {:.1}s",
+            m.round,
+            self.rounds,
+            m.contributed.len(),
+            m.lost.len(),
+            m.mean_train_loss.map_or("-".into(), |l| format!("{l:.4}")),
+            human_bytes(m.up_payload_per_client),
+            human_bytes(m.down_payload_per_client),
+            human_bytes(m.analytic_min_bytes),
+            human_bytes(m.up_wire_bytes),
+            human_bytes(m.down_wire_bytes),
+            m.seconds
+        );
+        if self.opts.print_rounds {
+            println!("{line}");
+        } else {
+            tracing::info!("{line}");
+        }
+    }
+
+    /// The whole ledger so far (init downloads and committed rounds), from the store.
+    pub fn ledger(&self) -> Result<ByteLedger> {
+        let rows = self.store().ledger(&self.run_id)?;
+        let mut l = ByteLedger::new();
+        for r in rows {
+            l.record(LedgerEntry {
+                round: r.round,
+                client: r.client,
+                direction: if r.direction == "up" { Direction::Up } else { Direction::Down },
+                transfer: if r.transfer == "init" { Transfer::Init } else { Transfer::Round },
+                payload_bytes: r.payload_bytes,
+                message_bytes: r.message_bytes,
+                wire_bytes: r.wire_bytes,
+                analytic_min_bytes: r.analytic_min_bytes,
+            });
+        }
+        Ok(l)
+    }
+
+    /// The status document served by `GetStatus`.
+    pub fn status_json(&self) -> Result<String> {
+        let (phase, completed, clients, outcome) = {
+            let e = self.engine();
+            (
+                e.phase_summary(),
+                e.completed_rounds(),
+                e.clients().keys().cloned().collect::<Vec<_>>(),
+                e.outcome().cloned(),
+            )
+        };
+        let rounds = self.store().rounds(&self.run_id)?;
+        let ledger = self.ledger()?;
+        let v = serde_json::json!({
+            "run_id": self.run_id,
+            "phase": phase,
+            "completed_rounds": completed,
+            "clients": clients,
+            "outcome": outcome.map(|o| serde_json::json!({"status": o.status, "message": o.message, "global_sha256": o.global_sha256})),
+            "rounds": rounds,
+            "ledger_totals": ledger.round_totals(),
+            "ledger": ledger.entries(),
+            "analytic_min_bytes_per_client": self.analytic_min_bytes,
+        });
+        Ok(serde_json::to_string_pretty(&v)?)
+    }
+
+    /// Polls until the run is finished (for the `run` command and tests).
+    pub async fn wait_finished(&self, poll: Duration) {
+        loop {
+            if self.engine().outcome().is_some() {
+                return;
+            }
+            tokio::select! {
+                _ = self.notify.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+            }
+        }
+    }
+}
+
+/// The store's row for a ledger entry.
+pub fn ledger_row(e: &LedgerEntry) -> LedgerRow {
+    LedgerRow {
+        round: e.round,
+        client: e.client.clone(),
+        direction: match e.direction {
+            Direction::Up => "up".into(),
+            Direction::Down => "down".into(),
+        },
+        transfer: match e.transfer {
+            Transfer::Init => "init".into(),
+            Transfer::Round => "round".into(),
+        },
+        payload_bytes: e.payload_bytes,
+        message_bytes: e.message_bytes,
+        wire_bytes: e.wire_bytes,
+        analytic_min_bytes: e.analytic_min_bytes,
+    }
+}
+
+/// `1234567` → `1.18 MiB`.
+pub fn human_bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= 1024.0 * 1024.0 {
+        format!("{:.2} MiB", b / 1024.0 / 1024.0)
+    } else if b >= 1024.0 {
+        format!("{:.2} KiB", b / 1024.0)
+    } else {
+        format!("{b:.0} B")
+    }
+}
+
+/// The update blob's tensors as the engine wants them, with validation errors as strings.
+pub fn tensors_of(bytes: &[u8]) -> std::result::Result<TensorSet, String> {
+    fedsb_common::wire::decode_blob(bytes, &Device::Cpu).map_err(|e| e.to_string())
+}

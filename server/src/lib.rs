@@ -1,0 +1,61 @@
+//! fedsb-server: the coordinator daemon's library.
+//!
+//! - [`config`]: the run configuration (TOML).
+//! - [`round`]: the round state machine (pure: no I/O, no clock).
+//! - [`coordinator`]: one run — engine, store, blobs, ledger, evaluation.
+//! - [`service`]: the gRPC handlers (the only place tonic types meet the run).
+//! - [`store`]: SQLite state and content-addressed blob files.
+//! - [`net`]: byte counting on the socket.
+//! - [`certs`]: development certificates.
+//! - [`local`]: a whole federation on one machine.
+pub mod certs;
+pub mod config;
+pub mod coordinator;
+pub mod local;
+pub mod net;
+pub mod round;
+pub mod service;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::transport::{Server, ServerTlsConfig};
+
+/// Serves `coord`'s run on `listener` (TLS when `tls` is given) until the run finishes (plus `linger`, so
+/// clients learn the outcome) or Ctrl-C. A ticker advances the round engine every 100 ms.
+pub async fn serve(
+    coord: Arc<coordinator::Coordinator>,
+    listener: tokio::net::TcpListener,
+    tls: Option<ServerTlsConfig>,
+    linger: Duration,
+) -> anyhow::Result<()> {
+    let ticker = {
+        let c = coord.clone();
+        tokio::spawn(async move {
+            loop {
+                c.tick();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let mut builder = Server::builder().http2_keepalive_interval(Some(Duration::from_secs(20)));
+    if let Some(t) = tls {
+        builder = builder.tls_config(t)?;
+    }
+    let done = {
+        let c = coord.clone();
+        async move {
+            tokio::select! {
+                _ = c.wait_finished(Duration::from_millis(500)) => tokio::time::sleep(linger).await,
+                _ = tokio::signal::ctrl_c() => tracing::warn!("interrupted; the run can continue with --resume"),
+            }
+        }
+    };
+    let r = builder
+        .add_service(service::Service::new(coord.clone()).into_server())
+        .serve_with_incoming_shutdown(net::counting_incoming(listener), done)
+        .await;
+    ticker.abort();
+    Ok(r?)
+}

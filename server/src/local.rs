@@ -1,0 +1,226 @@
+//! A whole federation on one machine: a coordinator (in this process) and N `fedsb-client join` processes
+//! on loopback, TLS with client certificates on, the training data split across the clients (IID or
+//! Dirichlet non-IID by label).
+//!
+//! The work folder gets the certificates, the data shards, the run config, the coordinator's state
+//! (SQLite, blobs, `metrics.jsonl`) and one log per client.
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use fedsb_common::train::Dataset;
+use fedsb_common::train::data::Example;
+use fedsb_common::train::partition::{dirichlet_split, iid_split};
+
+use crate::certs::{make_dev_certs, write_dev_certs};
+use crate::config::RunConfig;
+use crate::coordinator::{Coordinator, ServeOptions, human_bytes};
+
+/// How the training data is split over the clients.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Split {
+    /// Shuffled, equal shards.
+    Iid,
+    /// Per label, Dirichlet(α) proportions over clients.
+    Dirichlet(f64),
+}
+
+/// A local federation to run.
+#[derive(Clone, Debug)]
+pub struct LocalFederation {
+    /// Number of client processes.
+    pub clients: usize,
+    /// The model (Hugging Face folder or GGUF).
+    pub model: PathBuf,
+    /// Training data (JSONL); its first `public_examples` examples are the coordinator's public init data
+    /// and are given to no client.
+    pub train: PathBuf,
+    /// Held-out data the coordinator evaluates on.
+    pub eval: Option<PathBuf>,
+    /// Public examples for the LoRA-SB init.
+    pub public_examples: usize,
+    /// The split.
+    pub split: Split,
+    /// The run's TOML template (everything but paths), already parsed.
+    pub config: RunConfig,
+    /// The work folder.
+    pub work_dir: PathBuf,
+    /// The `fedsb-client` executable.
+    pub client_exe: PathBuf,
+    /// Show the clients' output on this terminal instead of log files.
+    pub client_output_inherit: bool,
+}
+
+fn write_jsonl(path: &Path, examples: &[&Example]) -> Result<()> {
+    let mut out = String::new();
+    for e in examples {
+        out.push_str(&serde_json::to_string(e)?);
+        out.push('\n');
+    }
+    std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
+}
+
+impl LocalFederation {
+    /// Prepares the work folder (certificates, shards, config) and returns the config to run.
+    pub fn prepare(&self) -> Result<RunConfig> {
+        let w = &self.work_dir;
+        std::fs::create_dir_all(w.join("data")).with_context(|| format!("creating {}", w.display()))?;
+        let names: Vec<String> = (1..=self.clients).map(|i| format!("client-{i}")).collect();
+        let certs = make_dev_certs(&["localhost".to_string(), "127.0.0.1".to_string()], &names, 7)?;
+        write_dev_certs(&certs, &w.join("certs"))?;
+        let ds = Dataset::load_jsonl(&self.train)?;
+        if ds.len() <= self.public_examples + self.clients {
+            bail!(
+                "{} has {} examples: too few for {} public examples and {} clients",
+                self.train.display(),
+                ds.len(),
+                self.public_examples,
+                self.clients
+            );
+        }
+        let (public, private) = ds.examples.split_at(self.public_examples);
+        write_jsonl(&w.join("data/public.jsonl"), &public.iter().collect::<Vec<_>>())?;
+        let seed = self.config.seed;
+        let shards = match self.split {
+            Split::Iid => iid_split(private.len(), self.clients, seed)?,
+            Split::Dirichlet(alpha) => {
+                let labels: Vec<usize> = private
+                    .iter()
+                    .map(|e| match e {
+                        Example::Classification { label, .. } => Ok(*label),
+                        _ => Err(anyhow::anyhow!("a Dirichlet split needs labelled (classification) data")),
+                    })
+                    .collect::<Result<_>>()?;
+                dirichlet_split(&labels, self.clients, alpha, seed)?
+            }
+        };
+        for (i, idx) in shards.iter().enumerate() {
+            let ex: Vec<&Example> = idx.iter().map(|&j| &private[j]).collect();
+            write_jsonl(&w.join(format!("data/shard-{}.jsonl", i + 1)), &ex)?;
+            let labels = ex
+                .iter()
+                .filter_map(|e| match e {
+                    Example::Classification { label, .. } => Some(*label),
+                    _ => None,
+                })
+                .fold(std::collections::BTreeMap::<usize, usize>::new(), |mut m, l| {
+                    *m.entry(l).or_default() += 1;
+                    m
+                });
+            tracing::info!("client-{}: {} examples, labels {:?}", i + 1, ex.len(), labels);
+        }
+        let mut cfg = self.config.clone();
+        cfg.model.path = self.model.clone();
+        cfg.init.data = w.join("data/public.jsonl");
+        cfg.state_dir = w.join("state");
+        if let Some(e) = &self.eval {
+            match &mut cfg.eval {
+                Some(ev) => ev.data = e.clone(),
+                None => {
+                    cfg.eval = Some(crate::config::EvalSection { data: e.clone(), limit: None, batch_size: 32 });
+                }
+            }
+        }
+        cfg.validate()?;
+        std::fs::write(w.join("run.toml"), toml::to_string_pretty(&cfg)?)?;
+        Ok(cfg)
+    }
+
+    fn spawn_client(&self, i: usize, addr: std::net::SocketAddr) -> Result<Child> {
+        let w = &self.work_dir;
+        let name = format!("client-{i}");
+        let mut cmd = Command::new(&self.client_exe);
+        cmd.arg("join")
+            .arg("--server")
+            .arg(format!("https://127.0.0.1:{}", addr.port()))
+            .arg("--ca")
+            .arg(w.join("certs/ca.pem"))
+            .arg("--cert")
+            .arg(w.join(format!("certs/clients/{name}.pem")))
+            .arg("--key")
+            .arg(w.join(format!("certs/clients/{name}.key")))
+            .arg("--model")
+            .arg(&self.model)
+            .arg("--data")
+            .arg(w.join(format!("data/shard-{i}.jsonl")))
+            .arg("--work-dir")
+            .arg(w.join(&name));
+        // Each client trains with one thread: N processes share the machine's cores.
+        let threads = (std::thread::available_parallelism().map_or(2, |n| n.get()) / self.clients).max(1);
+        cmd.env("RAYON_NUM_THREADS", threads.to_string());
+        if !self.client_output_inherit {
+            let log = std::fs::File::create(w.join(format!("{name}.log")))?;
+            cmd.stdout(Stdio::from(log.try_clone()?)).stderr(Stdio::from(log));
+        }
+        cmd.spawn().with_context(|| format!("starting {}", self.client_exe.display()))
+    }
+
+    /// Runs the federation to its end: coordinator here, clients as child processes. Returns the outcome.
+    pub async fn run(&self, cfg: RunConfig) -> Result<crate::round::RunOutcome> {
+        let w = &self.work_dir;
+        let opts = ServeOptions { insecure: false, max_update_bytes: u64::MAX, print_rounds: true };
+        let cfg2 = cfg.clone();
+        let coord = Arc::new(tokio::task::spawn_blocking(move || Coordinator::prepare(&cfg2, false, opts)).await??);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let read = |p: &str| std::fs::read(w.join(p)).with_context(|| format!("reading {p}"));
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(read("certs/server.pem")?, read("certs/server.key")?))
+            .client_ca_root(tonic::transport::Certificate::from_pem(read("certs/ca.pem")?));
+        println!(
+            "local federation: run {}, {} clients, {} rounds, coordinator on {addr} (TLS, client certificates); work folder {}",
+            coord.run_id,
+            self.clients,
+            cfg.rounds,
+            w.display()
+        );
+        let server = {
+            let c = coord.clone();
+            tokio::spawn(async move { crate::serve(c, listener, Some(tls), Duration::from_secs(3)).await })
+        };
+        let mut children = Vec::new();
+        for i in 1..=self.clients {
+            children.push(self.spawn_client(i, addr)?);
+        }
+        server.await??;
+        for (i, mut ch) in children.into_iter().enumerate() {
+            let status = tokio::task::spawn_blocking(move || {
+                // Clients leave by themselves once they learn the outcome; do not wait for ever.
+                for _ in 0..600 {
+                    if let Some(s) = ch.try_wait()? {
+                        return Ok::<_, std::io::Error>(Some(s));
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                ch.kill()?;
+                Ok(None)
+            })
+            .await??;
+            match status {
+                Some(s) if s.success() => {}
+                Some(s) => tracing::warn!(
+                    "client-{} exited with {s} (see {})",
+                    i + 1,
+                    w.join(format!("client-{}.log", i + 1)).display()
+                ),
+                None => tracing::warn!("client-{} did not exit; killed", i + 1),
+            }
+        }
+        let outcome = coord.engine().outcome().cloned().ok_or_else(|| anyhow::anyhow!("the run did not finish"))?;
+        let ledger = coord.ledger()?;
+        println!(
+            "\nbyte ledger (per round, all clients; payload = tensor bytes, message = protobuf + gRPC framing, wire = socket incl. TLS):"
+        );
+        println!("{}", ledger.table());
+        std::fs::write(w.join("ledger.jsonl"), ledger.to_jsonl())?;
+        println!(
+            "analytic minimum per client per direction per round: {} (Fed-SB: r² values per adapted layer + the head)",
+            human_bytes(coord.analytic_min_bytes())
+        );
+        println!("run {}: {}", outcome.status, outcome.message);
+        println!("metrics: {}, ledger: {}", w.join("state/metrics.jsonl").display(), w.join("ledger.jsonl").display());
+        Ok(outcome)
+    }
+}
