@@ -30,6 +30,24 @@ pub async fn serve(
     tls: Option<ServerTlsConfig>,
     linger: Duration,
 ) -> anyhow::Result<()> {
+    let interrupted = async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::warn!("interrupted; the run can continue with --resume");
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    serve_until(coord, listener, tls, linger, interrupted).await
+}
+
+/// Like [`serve`], stopping early when `stop` completes (the run can then be resumed).
+pub async fn serve_until(
+    coord: Arc<coordinator::Coordinator>,
+    listener: tokio::net::TcpListener,
+    tls: Option<ServerTlsConfig>,
+    linger: Duration,
+    stop: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
     let ticker = {
         let c = coord.clone();
         tokio::spawn(async move {
@@ -48,7 +66,7 @@ pub async fn serve(
         async move {
             tokio::select! {
                 _ = c.wait_finished(Duration::from_millis(500)) => tokio::time::sleep(linger).await,
-                _ = tokio::signal::ctrl_c() => tracing::warn!("interrupted; the run can continue with --resume"),
+                _ = stop => {}
             }
         }
     };

@@ -1,0 +1,488 @@
+//! End-to-end federation tests.
+//!
+//! - Real model, real processes: a coordinator (in this process) and 3 `fedsb-client join` processes over
+//!   mutual TLS on loopback, 2 rounds of MiniLM + Rotten Tomatoes; the aggregate equals the independently
+//!   computed mean of the submitted R and head, B and A hashes agree on every client, and the ledger's upload
+//!   payload equals the analytic minimum.
+//! - Protocol: with a tiny random model and hand-driven clients, every bad update is refused with a clear
+//!   status and changes nothing; rounds close at their deadline with a quorum and fail cleanly without one;
+//!   a coordinator restarted with `--resume` finishes with the same adapter as an uninterrupted run.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::{DType, Device, Tensor};
+use fedsb_common::TensorSet;
+use fedsb_common::wire::{WireDtype, decode_blob, encode_blob, sha256_hex};
+use fedsb_proto::v1 as pb;
+use fedsb_proto::v1::coordinator_client::CoordinatorClient;
+use fedsb_server::config::{
+    AdapterSection, ClientsPerRound, EvalSection, InitSection, ModelSection, QuorumMiss, RunConfig,
+};
+use fedsb_server::coordinator::{Coordinator, ServeOptions};
+use fedsb_server::local::{LocalFederation, Split};
+use fedsb_server::store::Store;
+use tonic::Code;
+use tonic::transport::Channel;
+
+fn assets() -> Option<PathBuf> {
+    let root = std::env::var_os("FEDSB_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/fedsb/assets"));
+    if root.join("models/all-minilm-l6-v2/model.safetensors").is_file() {
+        return Some(root);
+    }
+    if std::env::var("FEDSB_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
+        panic!("assets missing under {}; run scripts/fetch-assets.sh", root.display());
+    }
+    eprintln!("SKIPPED: assets missing under {}", root.display());
+    None
+}
+
+fn base_config(model: &Path, init: &Path, state: &Path, clients: usize, rounds: u64) -> RunConfig {
+    RunConfig {
+        rounds,
+        clients_per_round: ClientsPerRound::Count(clients),
+        min_clients: Some(clients),
+        quorum: None,
+        round_deadline_secs: 600,
+        on_quorum_miss: QuorumMiss::Stop,
+        max_retries: 0,
+        seed: 7,
+        method: "fedsb".into(),
+        weighting: fedsb_common::aggregate::Weighting::Uniform,
+        wire_dtype: WireDtype::F32,
+        max_update_bytes: None,
+        state_dir: state.to_path_buf(),
+        model: ModelSection { path: model.to_path_buf(), sha256: None, num_labels: 2 },
+        adapter: AdapterSection { rank: 4, alpha: None, targets: None },
+        local: fedsb_common::spec::LocalTraining { steps: Some(2), batch_size: 8, max_len: 32, ..Default::default() },
+        init: InitSection {
+            data: init.to_path_buf(),
+            samples: Some(8),
+            batch_size: 8,
+            eta: None,
+            power_iters: 4,
+            oversample: 4,
+        },
+        eval: None,
+    }
+}
+
+fn read_set(path: &Path) -> TensorSet {
+    decode_blob(&std::fs::read(path).unwrap(), &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &TensorSet, b: &TensorSet) -> f32 {
+    assert_eq!(a.names().collect::<Vec<_>>(), b.names().collect::<Vec<_>>());
+    a.iter()
+        .map(|(n, t)| {
+            let u = b.require(n).unwrap();
+            (t - u).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        })
+        .fold(0.0, f32::max)
+}
+
+fn mean(sets: &[TensorSet]) -> TensorSet {
+    let mut out = TensorSet::new();
+    for name in sets[0].names() {
+        let mut acc = sets[0].require(name).unwrap().to_dtype(DType::F64).unwrap();
+        for s in &sets[1..] {
+            acc = (acc + s.require(name).unwrap().to_dtype(DType::F64).unwrap()).unwrap();
+        }
+        out.insert(name.clone(), (acc / sets.len() as f64).unwrap().to_dtype(DType::F32).unwrap());
+    }
+    out
+}
+
+#[test]
+fn three_clients_two_rounds_over_mutual_tls() {
+    let Some(a) = assets() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path().to_path_buf();
+    let model = a.join("models/all-minilm-l6-v2");
+    // A small slice of the real data keeps the test short: 64 public examples + 3 × 40 private.
+    let train = w.join("train-slice.jsonl");
+    let text = std::fs::read_to_string(a.join("data/rotten-tomatoes/train.jsonl")).unwrap();
+    std::fs::write(&train, text.lines().take(64 + 120).collect::<Vec<_>>().join("\n")).unwrap();
+    let mut cfg = base_config(&model, &w.join("data/public.jsonl"), &w.join("state"), 3, 2);
+    cfg.eval = Some(EvalSection { data: a.join("data/rotten-tomatoes/test.jsonl"), limit: Some(32), batch_size: 32 });
+    let fed = LocalFederation {
+        clients: 3,
+        model,
+        train,
+        eval: Some(a.join("data/rotten-tomatoes/test.jsonl")),
+        public_examples: 64,
+        split: Split::Iid,
+        config: cfg,
+        work_dir: w.clone(),
+        client_exe: PathBuf::from(env!("CARGO_BIN_EXE_fedsb-client")),
+        client_output_inherit: false,
+    };
+    let cfg = fed.prepare().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let outcome = rt.block_on(fed.run(cfg)).unwrap();
+    let logs: String =
+        (1..=3).map(|i| std::fs::read_to_string(w.join(format!("client-{i}.log"))).unwrap_or_default()).collect();
+    assert_eq!(outcome.status, "completed", "{}\n{logs}", outcome.message);
+
+    let store = Store::open(&w.join("state")).unwrap();
+    let run = store.latest_run().unwrap().unwrap();
+    let rounds = store.rounds(&run.run_id).unwrap();
+    assert_eq!(rounds.len(), 2);
+    // Every client checked the same init blob and trained with bit-identical B and A.
+    let summaries: Vec<serde_json::Value> = (1..=3)
+        .map(|i| {
+            serde_json::from_str(&std::fs::read_to_string(w.join(format!("client-{i}/client_summary.json"))).unwrap())
+                .unwrap()
+        })
+        .collect();
+    for s in &summaries {
+        assert_eq!(s["init_sha256"], run.init_sha256.as_str());
+        assert_eq!(s["frozen_sha256"], summaries[0]["frozen_sha256"]);
+        assert_eq!(s["status"], "completed");
+        assert_eq!(s["rounds_trained"], serde_json::json!([1, 2]));
+    }
+    for r in &rounds {
+        assert_eq!(r.status, "completed");
+        assert_eq!(r.contributed.len(), 3);
+        // The aggregate equals the mean of what the clients sent, computed here independently.
+        let updates: Vec<TensorSet> =
+            (1..=3).map(|i| read_set(&w.join(format!("client-{i}/updates/round-{}.safetensors", r.round)))).collect();
+        let global = decode_blob(&store.get_blob(r.global_sha256.as_deref().unwrap()).unwrap(), &Device::Cpu).unwrap();
+        let d = max_abs_diff(&global, &mean(&updates));
+        assert!(d < 1e-6, "round {}: aggregate differs from the mean by {d}", r.round);
+        assert!(max_abs_diff(&updates[0], &updates[1]) > 0.0, "clients trained on different data");
+        assert!(r.eval_json.as_deref().unwrap().contains("accuracy"));
+    }
+    // The ledger: Fed-SB's upload payload per client per round is exactly r² values per adapted layer plus the
+    // head, in f32; messages and the socket add a little.
+    let expected = (24 * 4 * 4 + 2 * 384 + 2) as u64 * 4;
+    let ledger = store.ledger(&run.run_id).unwrap();
+    let ups: Vec<_> = ledger.iter().filter(|l| l.transfer == "round" && l.direction == "up").collect();
+    assert_eq!(ups.len(), 6);
+    for l in ups {
+        assert_eq!(l.payload_bytes, expected, "{l:?}");
+        assert_eq!(l.analytic_min_bytes, expected);
+        assert!(l.message_bytes > l.payload_bytes);
+        assert!(l.wire_bytes.unwrap() > l.message_bytes, "TLS and HTTP/2 framing are counted on the socket");
+    }
+    let inits: Vec<_> = ledger.iter().filter(|l| l.transfer == "init").collect();
+    assert_eq!(inits.len(), 3, "each client downloaded the init once");
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Protocol tests on a tiny random model with hand-driven clients (no assets needed).
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    model: PathBuf,
+    init: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().to_path_buf();
+    fedsb_common::model::testing::write_tiny_bert(&p.join("model"), 3).unwrap();
+    std::fs::write(p.join("public.jsonl"), fedsb_common::model::testing::tiny_classification_jsonl(16, 1)).unwrap();
+    Fixture { model: p.join("model"), init: p.join("public.jsonl"), dir: p, _dir: dir }
+}
+
+struct Running {
+    coord: Arc<Coordinator>,
+    addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start(cfg: &RunConfig, resume: bool) -> Running {
+    let opts = ServeOptions { insecure: true, max_update_bytes: u64::MAX, print_rounds: false };
+    let cfg = cfg.clone();
+    let coord =
+        Arc::new(tokio::task::spawn_blocking(move || Coordinator::prepare(&cfg, resume, opts)).await.unwrap().unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let c = coord.clone();
+    let server = tokio::spawn(async move {
+        fedsb_server::serve_until(c, listener, None, Duration::from_millis(500), async {
+            let _ = rx.await;
+        })
+        .await
+    });
+    Running { coord, addr, stop: Some(tx), server }
+}
+
+#[derive(Clone)]
+struct FakeClient {
+    rpc: CoordinatorClient<Channel>,
+    token: String,
+}
+
+impl FakeClient {
+    async fn new(addr: std::net::SocketAddr, token: &str) -> Self {
+        let ch = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        Self {
+            rpc: CoordinatorClient::new(ch).max_decoding_message_size(8 << 20).max_encoding_message_size(8 << 20),
+            token: token.into(),
+        }
+    }
+
+    fn req<T>(&self, m: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(m);
+        r.metadata_mut().insert("x-fedsb-client", self.token.parse().unwrap());
+        r
+    }
+
+    async fn join(&mut self, base: &str) -> Result<pb::JoinReply, tonic::Status> {
+        let m = pb::JoinRequest {
+            base_model_sha256: base.into(),
+            num_examples: 10,
+            client_version: "test".into(),
+            token: self.token.clone(),
+        };
+        let r = self.req(m);
+        self.rpc.join(r).await.map(|r| r.into_inner())
+    }
+
+    async fn task(&mut self, run: &str) -> Result<pb::get_task_reply::Reply, tonic::Status> {
+        let r = self.req(pb::GetTaskRequest { run_id: run.into(), wait_ms: 3000 });
+        Ok(self.rpc.get_task(r).await?.into_inner().reply.unwrap())
+    }
+
+    async fn fetch(&mut self, b: &pb::BlobRef) -> Vec<u8> {
+        let r = self.req(pb::FetchBlobRequest { sha256: b.sha256.clone(), offset: 0 });
+        let mut s = self.rpc.fetch_blob(r).await.unwrap().into_inner();
+        let mut out = Vec::new();
+        while let Some(c) = s.message().await.unwrap() {
+            out.extend(c.data);
+        }
+        out
+    }
+
+    async fn submit_raw(&mut self, msgs: Vec<pb::UpdateChunk>) -> Result<pb::SubmitReply, tonic::Status> {
+        let mut r = tonic::Request::new(tokio_stream::iter(msgs));
+        r.metadata_mut().insert("x-fedsb-client", self.token.parse().unwrap());
+        self.rpc.submit_update(r).await.map(|r| r.into_inner())
+    }
+
+    async fn submit(
+        &mut self,
+        t: &pb::Task,
+        update: &TensorSet,
+        frozen: &str,
+    ) -> Result<pb::SubmitReply, tonic::Status> {
+        let blob = encode_blob(update, WireDtype::F32).unwrap();
+        let h = header(t, &blob.bytes, frozen);
+        self.submit_raw(vec![hdr(h), data(blob.bytes)]).await
+    }
+}
+
+fn header(t: &pb::Task, bytes: &[u8], frozen: &str) -> pb::UpdateHeader {
+    pb::UpdateHeader {
+        run_id: t.run_id.clone(),
+        round: t.round,
+        task_id: t.task_id.clone(),
+        num_examples: 10,
+        steps: 1,
+        train_loss: 0.5,
+        blob: Some(pb::BlobRef { sha256: sha256_hex(bytes), size: bytes.len() as u64 }),
+        frozen_sha256: frozen.into(),
+    }
+}
+
+fn hdr(h: pb::UpdateHeader) -> pb::UpdateChunk {
+    pb::UpdateChunk { part: Some(pb::update_chunk::Part::Header(h)) }
+}
+
+fn data(b: Vec<u8>) -> pb::UpdateChunk {
+    pb::UpdateChunk { part: Some(pb::update_chunk::Part::Data(b)) }
+}
+
+/// A deterministic "trained" update: the global plus `delta` everywhere.
+fn shifted(global: &TensorSet, delta: f32) -> TensorSet {
+    global.iter().map(|(n, t)| (n.clone(), (t + delta as f64).unwrap())).collect()
+}
+
+async fn expect_task(c: &mut FakeClient, run: &str) -> pb::Task {
+    for _ in 0..20 {
+        match c.task(run).await.unwrap() {
+            pb::get_task_reply::Reply::Task(t) => return t,
+            pb::get_task_reply::Reply::Wait(_) => continue,
+            pb::get_task_reply::Reply::Finished(f) => panic!("run finished: {}", f.message),
+        }
+    }
+    panic!("no task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_updates_are_refused_with_clear_statuses_and_change_nothing() {
+    let f = fixture();
+    let cfg = base_config(&f.model, &f.init, &f.dir.join("state"), 2, 1);
+    let mut run = start(&cfg, false).await;
+    let base = run.coord.spec.base_model_sha256.clone();
+    let frozen = run.coord.frozen_sha256.clone();
+    let mut a = FakeClient::new(run.addr, "alice").await;
+    let mut b = FakeClient::new(run.addr, "bob").await;
+    let e = a.join(&"0".repeat(64)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("sha256"), "{}", e.message());
+    let j = a.join(&base).await.unwrap();
+    b.join(&base).await.unwrap();
+    let ta = expect_task(&mut a, &j.run_id).await;
+    let tb = expect_task(&mut b, &j.run_id).await;
+    let global = decode_blob(&a.fetch(ta.global.as_ref().unwrap()).await, &Device::Cpu).unwrap();
+
+    // Unknown client.
+    let mut eve = FakeClient::new(run.addr, "eve").await;
+    assert_eq!(eve.task(&j.run_id).await.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(eve.submit(&ta, &shifted(&global, 1.0), &frozen).await.unwrap_err().code(), Code::PermissionDenied);
+    // Wrong shape, NaN, missing tensor.
+    let mut wrong = global.clone();
+    let (name, t) = global.iter().next().map(|(n, t)| (n.clone(), t.clone())).unwrap();
+    wrong.insert(name.clone(), Tensor::zeros((t.dims()[0] + 1,), DType::F32, &Device::Cpu).unwrap());
+    let e = a.submit(&ta, &wrong, &frozen).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains(&name), "{}", e.message());
+    let mut nan = shifted(&global, 1.0);
+    let t0 = nan.require(&name).unwrap().clone();
+    nan.insert(name.clone(), (t0 * f64::NAN).unwrap());
+    assert_eq!(a.submit(&ta, &nan, &frozen).await.unwrap_err().code(), Code::InvalidArgument);
+    let mut missing = shifted(&global, 1.0);
+    missing.remove(&name);
+    assert_eq!(a.submit(&ta, &missing, &frozen).await.unwrap_err().code(), Code::InvalidArgument);
+    // Trained with other B/A, a forged task, a stale round, bytes that do not match the hash.
+    assert_eq!(
+        a.submit(&ta, &shifted(&global, 1.0), &"1".repeat(64)).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    let forged = pb::Task { task_id: tb.task_id.clone(), ..ta.clone() };
+    assert_eq!(a.submit(&forged, &shifted(&global, 1.0), &frozen).await.unwrap_err().code(), Code::InvalidArgument);
+    let stale = pb::Task { round: 2, ..ta.clone() };
+    assert_eq!(a.submit(&stale, &shifted(&global, 1.0), &frozen).await.unwrap_err().code(), Code::FailedPrecondition);
+    let blob = encode_blob(&shifted(&global, 1.0), WireDtype::F32).unwrap();
+    let mut h = header(&ta, &blob.bytes, &frozen);
+    h.blob.as_mut().unwrap().sha256 = "2".repeat(64);
+    assert_eq!(a.submit_raw(vec![hdr(h), data(blob.bytes.clone())]).await.unwrap_err().code(), Code::DataLoss);
+    // Too large: a declared size over the limit, and a single message over the gRPC limit.
+    let mut h = header(&ta, &blob.bytes, &frozen);
+    h.blob.as_mut().unwrap().size = 1 << 40;
+    assert_eq!(a.submit_raw(vec![hdr(h)]).await.unwrap_err().code(), Code::ResourceExhausted);
+    let h = header(&ta, &blob.bytes, &frozen);
+    // A single gRPC message over the server's decoding limit: tonic refuses it as OutOfRange ("message too large").
+    let e = a.submit_raw(vec![hdr(h), data(vec![0u8; 3 << 20])]).await.unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e}");
+    assert!(e.message().contains("too large"), "{e}");
+    // None of that counted: a valid update, then a duplicate.
+    a.submit(&ta, &shifted(&global, 1.0), &frozen).await.unwrap();
+    assert_eq!(a.submit(&ta, &shifted(&global, 5.0), &frozen).await.unwrap_err().code(), Code::AlreadyExists);
+    b.submit(&tb, &shifted(&global, 3.0), &frozen).await.unwrap();
+    run.coord.wait_finished(Duration::from_millis(100)).await;
+    let (g, _) = {
+        let e = run.coord.engine();
+        let (g, s) = e.global();
+        (g.clone(), s.to_string())
+    };
+    let d = max_abs_diff(&g, &shifted(&global, 2.0));
+    assert!(d < 1e-6, "the global is the mean of the two valid updates only (diff {d})");
+    let _ = run.stop.take().unwrap().send(());
+    run.server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rounds_close_at_the_deadline_with_quorum_and_fail_cleanly_without() {
+    let f = fixture();
+    let mut cfg = base_config(&f.model, &f.init, &f.dir.join("state"), 2, 2);
+    cfg.quorum = Some(1);
+    cfg.round_deadline_secs = 2;
+    let run = start(&cfg, false).await;
+    let base = run.coord.spec.base_model_sha256.clone();
+    let frozen = run.coord.frozen_sha256.clone();
+    let mut a = FakeClient::new(run.addr, "alice").await;
+    let mut b = FakeClient::new(run.addr, "bob").await;
+    let j = a.join(&base).await.unwrap();
+    b.join(&base).await.unwrap();
+    // Round 1: alice answers, bob vanishes. The round closes at its deadline with quorum 1.
+    let ta = expect_task(&mut a, &j.run_id).await;
+    let global = decode_blob(&a.fetch(ta.global.as_ref().unwrap()).await, &Device::Cpu).unwrap();
+    a.submit(&ta, &shifted(&global, 1.0), &frozen).await.unwrap();
+    drop(b);
+    // Round 2: nobody answers; quorum missed, on_quorum_miss = stop: the run fails, it does not hang.
+    let finished =
+        tokio::time::timeout(Duration::from_secs(30), run.coord.wait_finished(Duration::from_millis(100))).await;
+    assert!(finished.is_ok(), "the coordinator hung");
+    let o = run.coord.engine().outcome().cloned().unwrap();
+    assert_eq!(o.status, "failed");
+    assert!(o.message.contains("quorum"), "{}", o.message);
+    let rounds = run.coord.store().rounds(&run.coord.run_id).unwrap();
+    assert_eq!(rounds[0].status, "completed");
+    assert_eq!(rounds[0].lost, vec!["bob".to_string()]);
+    assert_eq!(rounds[1].status, "failed");
+    match a.task(&j.run_id).await.unwrap() {
+        pb::get_task_reply::Reply::Finished(f) => assert_eq!(f.status, "failed"),
+        other => panic!("expected the end of the run, got {other:?}"),
+    }
+}
+
+/// Drives `clients` through rounds until the run ends, each submitting global + (round · 0.1 + index).
+async fn drive(addr: std::net::SocketAddr, base: &str, frozen: &str, clients: &[&str], stop_after: Option<u64>) {
+    let mut cs = Vec::new();
+    for c in clients {
+        let mut fc = FakeClient::new(addr, c).await;
+        fc.join(base).await.unwrap();
+        cs.push(fc);
+    }
+    let run_id = cs[0].join(base).await.unwrap().run_id;
+    loop {
+        let mut round = 0;
+        for (i, c) in cs.iter_mut().enumerate() {
+            match c.task(&run_id).await.unwrap() {
+                pb::get_task_reply::Reply::Task(t) => {
+                    round = t.round;
+                    let g = decode_blob(&c.fetch(t.global.as_ref().unwrap()).await, &Device::Cpu).unwrap();
+                    c.submit(&t, &shifted(&g, t.round as f32 * 0.1 + i as f32), frozen).await.unwrap();
+                }
+                pb::get_task_reply::Reply::Wait(_) => {}
+                pb::get_task_reply::Reply::Finished(_) => return,
+            }
+        }
+        if stop_after.is_some_and(|s| round >= s) {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_one() {
+    let f = fixture();
+    // Uninterrupted.
+    let cfg = base_config(&f.model, &f.init, &f.dir.join("state-a"), 2, 3);
+    let run = start(&cfg, false).await;
+    let (base, frozen) = (run.coord.spec.base_model_sha256.clone(), run.coord.frozen_sha256.clone());
+    drive(run.addr, &base, &frozen, &["alice", "bob"], None).await;
+    run.coord.wait_finished(Duration::from_millis(100)).await;
+    let want = run.coord.engine().outcome().cloned().unwrap();
+    assert_eq!(want.status, "completed");
+    // Interrupted after round 1, resumed from the state folder.
+    let cfg = base_config(&f.model, &f.init, &f.dir.join("state-b"), 2, 3);
+    let mut first = start(&cfg, false).await;
+    drive(first.addr, &base, &frozen, &["alice", "bob"], Some(1)).await;
+    for _ in 0..100 {
+        if first.coord.engine().completed_rounds() >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = first.stop.take().unwrap().send(());
+    let Running { server, coord, .. } = first;
+    server.await.unwrap().unwrap();
+    drop(coord);
+    let second = start(&cfg, true).await;
+    assert_eq!(second.coord.engine().completed_rounds(), 1);
+    drive(second.addr, &base, &frozen, &["alice", "bob"], None).await;
+    second.coord.wait_finished(Duration::from_millis(100)).await;
+    let got = second.coord.engine().outcome().cloned().unwrap();
+    assert_eq!(got.status, "completed");
+    assert_eq!(got.global_sha256, want.global_sha256, "same final adapter, bit for bit");
+}
