@@ -6,6 +6,7 @@
 //!   r = 32 on all seven projections (210 matrices).
 //!
 //! Each model runs in its own process so that its peak RSS is its own.
+use fedsb_common::benchstats::{median, peak_rss_mib, reset_peak_rss};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -54,29 +55,6 @@ fn assets_root(a: &BenchArgs) -> PathBuf {
         .clone()
         .or_else(|| std::env::var_os("FEDSB_ASSETS").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/fedsb/assets"))
-}
-
-/// Peak resident set size of this process in MiB (VmHWM).
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kib| kib / 1024.0)
-}
-
-/// Resets the kernel's peak-RSS counter of this process (Linux: `echo 5 > /proc/self/clear_refs`).
-fn reset_peak_rss() {
-    if let Err(e) = std::fs::write("/proc/self/clear_refs", "5") {
-        tracing::debug!("cannot reset the peak RSS counter: {e}");
-    }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
 }
 
 struct Shape {

@@ -30,30 +30,44 @@ const TOKEN_HEADER: &str = "x-fedsb-client";
 /// Largest gRPC message (a chunk plus headroom), as on the coordinator.
 const MAX_MESSAGE_BYTES: usize = 2 * CHUNK_SIZE + 64 * 1024;
 
+/// How to reach the coordinator (shared by `join` and `status`).
+#[derive(Args, Debug, Clone)]
+pub struct ConnectArgs {
+    /// The coordinator, e.g. https://coordinator.example.org:7443 (http:// with --insecure).
+    #[arg(long)]
+    pub server: String,
+    /// CA certificate that signed the coordinator's certificate (PEM).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// This client's certificate (PEM), for mutual TLS; its CN is the client's identity.
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Identity token when the coordinator does not use client certificates (or runs --insecure).
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Server name to verify in the coordinator's certificate (default: the host of --server).
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// Plaintext connection (the coordinator must run with --insecure).
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+/// Arguments of `fedsb-client status`.
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    conn: ConnectArgs,
+}
+
 /// Arguments of `fedsb-client join`.
 #[derive(Args, Debug, Clone)]
 pub struct JoinArgs {
-    /// The coordinator, e.g. https://coordinator.example.org:7443 (http:// with --insecure).
-    #[arg(long)]
-    server: String,
-    /// CA certificate that signed the coordinator's certificate (PEM).
-    #[arg(long)]
-    ca: Option<PathBuf>,
-    /// This client's certificate (PEM), for mutual TLS; its CN is the client's identity.
-    #[arg(long, requires = "key")]
-    cert: Option<PathBuf>,
-    /// This client's private key (PEM).
-    #[arg(long, requires = "cert")]
-    key: Option<PathBuf>,
-    /// Identity token when the coordinator does not use client certificates (or runs --insecure).
-    #[arg(long)]
-    token: Option<String>,
-    /// Server name to verify in the coordinator's certificate (default: the host of --server).
-    #[arg(long)]
-    server_name: Option<String>,
-    /// Plaintext connection (the coordinator must run with --insecure).
-    #[arg(long)]
-    insecure: bool,
+    #[command(flatten)]
+    conn: ConnectArgs,
     /// The base model (must be the run's: same weights, checked by sha256).
     #[arg(long)]
     model: PathBuf,
@@ -101,7 +115,7 @@ struct ClientSummary {
     final_global_sha256: Option<String>,
 }
 
-async fn connect(a: &JoinArgs) -> Result<Rpc> {
+async fn connect(a: &ConnectArgs) -> Result<Rpc> {
     let mut ep = Endpoint::from_shared(a.server.clone())
         .with_context(|| format!("bad --server `{}`", a.server))?
         .connect_timeout(Duration::from_secs(10))
@@ -160,7 +174,7 @@ where
                 tracing::warn!("{what}: {} — retrying in {:.1}s", s.message(), delay.as_secs_f64());
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
-                match connect(a).await {
+                match connect(&a.conn).await {
                     Ok(c) => *rpc = c,
                     Err(e) => tracing::warn!("reconnecting: {e:#}"),
                 }
@@ -220,12 +234,12 @@ async fn session(a: JoinArgs) -> Result<()> {
     let data = Dataset::load_jsonl(&a.data)?;
     let files = model_weight_files(&a.model)?;
     let base_sha = weights_sha256(&files)?;
-    let mut rpc = connect(&a).await.with_context(|| format!("connecting to {}", a.server))?;
+    let mut rpc = connect(&a.conn).await.with_context(|| format!("connecting to {}", a.conn.server))?;
     let join = pb::JoinRequest {
         base_model_sha256: base_sha.clone(),
         num_examples: data.len() as u64,
         client_version: env!("CARGO_PKG_VERSION").into(),
-        token: a.token.clone().unwrap_or_default(),
+        token: a.conn.token.clone().unwrap_or_default(),
     };
     let reply = with_retry(&a, &mut rpc, "joining", |mut c| {
         let join = join.clone();
@@ -305,11 +319,12 @@ async fn session(a: JoinArgs) -> Result<()> {
                     blob: Some(pb::BlobRef { sha256: blob.sha256.clone(), size: blob.bytes.len() as u64 }),
                     frozen_sha256: frozen_sha256.clone(),
                 };
-                let bytes = std::sync::Arc::new(blob.bytes);
+                let bytes = prost::bytes::Bytes::from(blob.bytes);
                 let res = with_retry(&a, &mut rpc, "submitting the update", |mut c| {
                     let mut msgs = vec![pb::UpdateChunk { part: Some(pb::update_chunk::Part::Header(header.clone())) }];
-                    for chunk in bytes.chunks(CHUNK_SIZE) {
-                        msgs.push(pb::UpdateChunk { part: Some(pb::update_chunk::Part::Data(chunk.to_vec())) });
+                    for start in (0..bytes.len()).step_by(CHUNK_SIZE) {
+                        let chunk = bytes.slice(start..(start + CHUNK_SIZE).min(bytes.len()));
+                        msgs.push(pb::UpdateChunk { part: Some(pb::update_chunk::Part::Data(chunk)) });
                     }
                     async move { c.submit_update(tokio_stream::iter(msgs)).await.map(|r| r.into_inner()) }
                 })
@@ -357,4 +372,15 @@ async fn session(a: JoinArgs) -> Result<()> {
 fn write_summary(dir: &Path, s: &ClientSummary) -> Result<()> {
     let p = dir.join("client_summary.json");
     std::fs::write(&p, serde_json::to_string_pretty(s)?).with_context(|| format!("writing {}", p.display()))
+}
+
+/// `fedsb-client status`: prints the coordinator's status (run phase, rounds, byte ledger) as JSON.
+pub fn status(a: StatusArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut rpc = connect(&a.conn).await.with_context(|| format!("connecting to {}", a.conn.server))?;
+        let reply = rpc.get_status(pb::StatusRequest {}).await.context("GetStatus")?.into_inner();
+        println!("{}", reply.json);
+        Ok(())
+    })
 }

@@ -24,6 +24,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Take part in a federated run: join a coordinator, train each round's task locally, send updates.
     Join(Box<join::JoinArgs>),
+    /// Print a coordinator's status (run phase, rounds, byte ledger) as JSON.
+    Status(join::StatusArgs),
 }
 
 /// glibc's default malloc returns large blocks to the OS after every tensor op (mmap/munmap), so each op
@@ -56,5 +58,6 @@ fn main() -> anyhow::Result<()> {
         Command::Finetune(a) => finetune::run(*a),
         Command::Bench(a) => bench::run(a),
         Command::Join(a) => join::run(*a),
+        Command::Status(a) => join::status(a),
     }
 }

@@ -197,7 +197,7 @@ struct Running {
 }
 
 async fn start(cfg: &RunConfig, resume: bool) -> Running {
-    let opts = ServeOptions { insecure: true, max_update_bytes: u64::MAX, print_rounds: false };
+    let opts = ServeOptions { insecure: true, ..Default::default() };
     let cfg = cfg.clone();
     let coord =
         Arc::new(tokio::task::spawn_blocking(move || Coordinator::prepare(&cfg, resume, opts)).await.unwrap().unwrap());
@@ -297,7 +297,7 @@ fn hdr(h: pb::UpdateHeader) -> pb::UpdateChunk {
 }
 
 fn data(b: Vec<u8>) -> pb::UpdateChunk {
-    pb::UpdateChunk { part: Some(pb::update_chunk::Part::Data(b)) }
+    pb::UpdateChunk { part: Some(pb::update_chunk::Part::Data(b.into())) }
 }
 
 /// A deterministic "trained" update: the global plus `delta` everywhere.
@@ -386,6 +386,13 @@ async fn bad_updates_are_refused_with_clear_statuses_and_change_nothing() {
     };
     let d = max_abs_diff(&g, &shifted(&global, 2.0));
     assert!(d < 1e-6, "the global is the mean of the two valid updates only (diff {d})");
+    // The status endpoint: one completed round, and only the two accepted updates in the ledger's uploads.
+    let r = a.req(pb::StatusRequest {});
+    let st: serde_json::Value = serde_json::from_str(&a.rpc.get_status(r).await.unwrap().into_inner().json).unwrap();
+    assert_eq!(st["completed_rounds"], 1, "{st}");
+    assert_eq!(st["outcome"]["status"], "completed", "{st}");
+    let ups = st["ledger"].as_array().unwrap().iter().filter(|e| e["direction"] == "up").count();
+    assert_eq!(ups, 2, "{st}");
     let _ = run.stop.take().unwrap().send(());
     run.server.await.unwrap().unwrap();
 }

@@ -5,8 +5,10 @@
 //! - [`model`]: Llama and BERT models with adapter slots; loading from Hugging Face folders and GGUF.
 //! - [`adapter`]: LoRA-SB, LoRA and FFA-LoRA adapters; the LoRA-SB initialization; randomized SVD.
 //! - [`tensors`]: [`TensorSet`], named tensors as saved, hashed and sent.
+//! - [`benchstats`]: peak RSS and medians for the bench commands.
 pub mod adapter;
 pub mod aggregate;
+pub mod benchstats;
 pub mod comm;
 pub mod error;
 pub mod export;

@@ -47,6 +47,16 @@ impl WireDtype {
     }
 }
 
+impl std::fmt::Display for WireDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WireDtype::F32 => "f32",
+            WireDtype::Bf16 => "bf16",
+            WireDtype::F16 => "f16",
+        })
+    }
+}
+
 impl std::str::FromStr for WireDtype {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use fedsb_common::TensorSet;
 use fedsb_common::adapter::init::{InitConfig, lora_sb_init};
 use fedsb_common::adapter::{AdapterConfig, AdapterKind};
@@ -45,7 +45,7 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Clone, Debug)]
 pub struct ServedBlob {
     /// The bytes.
-    pub bytes: Arc<Vec<u8>>,
+    pub bytes: prost::bytes::Bytes,
     /// Tensor bytes (payload) in it.
     pub payload_bytes: u64,
 }
@@ -112,6 +112,16 @@ pub struct ServeOptions {
     pub max_update_bytes: u64,
     /// Print a line per round to stdout.
     pub print_rounds: bool,
+    /// HTTP/2 receive window per stream (bytes): what an upload waiting for an ingest slot may buffer here,
+    /// so the coordinator's memory grows by at most this much per concurrently uploading client. Larger
+    /// windows help clients on long fat links (bandwidth × round-trip time above it).
+    pub h2_window_bytes: u32,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self { insecure: false, max_update_bytes: u64::MAX, print_rounds: false, h2_window_bytes: 256 * 1024 }
+    }
 }
 
 /// One federated run (see the module docs).
@@ -154,6 +164,17 @@ fn adapter_config(cfg: &RunConfig, task: TaskKind) -> AdapterConfig {
     a.alpha = cfg.adapter.alpha.unwrap_or(cfg.adapter.rank as f64);
     a.seed = cfg.seed;
     a
+}
+
+/// Where a run starts: its init tensors, the frozen hash, the starting global (the round-0 one or, on resume,
+/// the last committed one) and the evaluator.
+struct RunStart {
+    init: TensorSet,
+    frozen_sha256: String,
+    global0: TensorSet,
+    completed: u64,
+    global_sha: Option<String>,
+    evaluator: Option<Mutex<Evaluator>>,
 }
 
 impl Coordinator {
@@ -246,13 +267,6 @@ impl Coordinator {
         let frozen_sha256 = model.frozen_adapter_tensors()?.content_hash()?;
         // The starting global: R0 and the seeded head (recomputed on resume: deterministic).
         let global0 = model.trainable_tensors()?;
-        let g0 = encode_blob(&global0, WireDtype::F32)?;
-        let g0_sha = store.put_blob(&g0.bytes)?;
-        let (global, global_sha) = match global_sha {
-            Some(sha) => (fedsb_common::wire::decode_blob(&store.get_blob(&sha)?, &dev)?, sha),
-            None => (global0, g0_sha),
-        };
-        let analytic_min_bytes = global.num_values() as u64 * spec.wire_dtype.bytes_per_value();
         let evaluator = match &cfg.eval {
             Some(e) => {
                 let mut ds = Dataset::load_jsonl(&e.data).context("the evaluation data")?;
@@ -269,6 +283,79 @@ impl Coordinator {
             }
             None => None,
         };
+        Self::assemble(cfg, opts, store, run, RunStart { init, frozen_sha256, global0, completed, global_sha, evaluator })
+    }
+
+    /// A run of a synthetic LoRA-SB adapter with no model behind it — `layers × modules` R matrices of
+    /// `rank × rank`, seeded — for load tests of the transport, the ingest path and the round commit (the
+    /// coordinator load benchmark). Clients of such a run must submit updates of exactly these tensors, with the
+    /// frozen hash `frozen_sha256`. `cfg.model` is not read and there is no evaluation.
+    pub fn synthetic(cfg: &RunConfig, opts: ServeOptions, layers: usize, modules: &[&str], rank: usize) -> Result<Self> {
+        use rand::SeedableRng;
+        use rand_distr::Distribution;
+        std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+        let store = Store::open(&cfg.state_dir).context("opening the state database")?;
+        let dev = Device::Cpu;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+        let normal = rand_distr::Normal::new(0f32, 1.0)?;
+        let mut global0 = TensorSet::new();
+        let mut frozen = TensorSet::new();
+        for l in 0..layers {
+            for m in modules {
+                let name = format!("model.layers.{l}.{m}");
+                let r: Vec<f32> = (0..rank * rank).map(|_| normal.sample(&mut rng)).collect();
+                global0.insert(format!("{name}.lora_R.weight"), Tensor::from_vec(r, (rank, rank), &dev)?);
+                // Stand-ins for B and A (their content only feeds the frozen hash).
+                frozen.insert(format!("{name}.lora_A.weight"), Tensor::full(l as f32, (rank, 1), &dev)?);
+            }
+        }
+        let frozen_sha256 = frozen.content_hash()?;
+        let mut init = frozen;
+        for (n, t) in global0.iter() {
+            init.insert(n.clone(), t.clone());
+        }
+        let init_blob = encode_blob(&init, WireDtype::F32)?;
+        let init_sha256 = store.put_blob(&init_blob.bytes)?;
+        let run_id = format!("load-{}", now_ms());
+        let mut adapter = AdapterConfig::new(AdapterKind::LoraSb, rank, modules);
+        adapter.seed = cfg.seed;
+        let spec = ClientSpec {
+            run_id: run_id.clone(),
+            base_model_sha256: "synthetic".into(),
+            task: TaskKind::CausalLm,
+            num_labels: 0,
+            method: cfg.method.clone(),
+            adapter,
+            local: cfg.local.clone(),
+            wire_dtype: cfg.wire_dtype,
+            seed: cfg.seed,
+        };
+        let run = RunRecord {
+            run_id,
+            spec_json: serde_json::to_string(&spec)?,
+            init_sha256,
+            created_unix_ms: now_ms(),
+            status: "running".into(),
+            message: String::new(),
+        };
+        store.create_run(&run)?;
+        let start = RunStart { init, frozen_sha256, global0, completed: 0, global_sha: None, evaluator: None };
+        Self::assemble(cfg, opts, store, run, start)
+    }
+
+    /// The common tail of [`Coordinator::prepare`] and [`Coordinator::synthetic`]: the starting global, the
+    /// round engine and the served blobs.
+    fn assemble(cfg: &RunConfig, opts: ServeOptions, store: Store, run: RunRecord, start: RunStart) -> Result<Self> {
+        let RunStart { init, frozen_sha256, global0, completed, global_sha, evaluator } = start;
+        let dev = Device::Cpu;
+        let spec: ClientSpec = serde_json::from_str(&run.spec_json)?;
+        let g0 = encode_blob(&global0, WireDtype::F32)?;
+        let g0_sha = store.put_blob(&g0.bytes)?;
+        let (global, global_sha) = match global_sha {
+            Some(sha) => (fedsb_common::wire::decode_blob(&store.get_blob(&sha)?, &dev)?, sha),
+            None => (global0, g0_sha),
+        };
+        let analytic_min_bytes = global.num_values() as u64 * spec.wire_dtype.bytes_per_value();
         let policy = RoundPolicy {
             rounds: cfg.rounds,
             clients_per_round: cfg.clients_per_round,
@@ -293,13 +380,13 @@ impl Coordinator {
         blobs.insert(
             run.init_sha256.clone(),
             ServedBlob {
-                bytes: Arc::new(store.get_blob(&run.init_sha256)?),
+                bytes: store.get_blob(&run.init_sha256)?.into(),
                 payload_bytes: init.num_values() as u64 * 4,
             },
         );
         blobs.insert(
             global_sha.clone(),
-            ServedBlob { bytes: Arc::new(store.get_blob(&global_sha)?), payload_bytes: global.num_values() as u64 * 4 },
+            ServedBlob { bytes: store.get_blob(&global_sha)?.into(), payload_bytes: global.num_values() as u64 * 4 },
         );
         let max_update = cfg.max_update_bytes.unwrap_or(4 * (global.num_values() as u64 * 4) + (1 << 20));
         Ok(Self {
@@ -588,7 +675,7 @@ impl Coordinator {
         };
         self.store().commit_round(&self.run_id, &rec, &ledger.iter().map(ledger_row).collect::<Vec<_>>())?;
         lock(&self.blobs)
-            .insert(sha.clone(), ServedBlob { bytes: Arc::new(blob.bytes), payload_bytes: blob.payload_bytes });
+            .insert(sha.clone(), ServedBlob { bytes: blob.bytes.into(), payload_bytes: blob.payload_bytes });
         let sum = |dir: Direction, f: &dyn Fn(&LedgerEntry) -> u64| -> u64 {
             ledger.iter().filter(|e| e.direction == dir).map(f).sum()
         };

@@ -8,9 +8,11 @@
 //! - [`net`]: byte counting on the socket.
 //! - [`certs`]: development certificates.
 //! - [`local`]: a whole federation on one machine.
+//! - [`loadbench`]: the coordinator load benchmark (`fedsb-server bench`).
 pub mod certs;
 pub mod config;
 pub mod coordinator;
+pub mod loadbench;
 pub mod local;
 pub mod net;
 pub mod round;
@@ -57,7 +59,11 @@ pub async fn serve_until(
             }
         })
     };
-    let mut builder = Server::builder().http2_keepalive_interval(Some(Duration::from_secs(20)));
+    let window = coord.opts.h2_window_bytes.max(64 * 1024);
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .initial_stream_window_size(window)
+        .initial_connection_window_size(window);
     if let Some(t) = tls {
         builder = builder.tls_config(t)?;
     }

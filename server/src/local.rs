@@ -160,7 +160,7 @@ impl LocalFederation {
     /// Runs the federation to its end: coordinator here, clients as child processes. Returns the outcome.
     pub async fn run(&self, cfg: RunConfig) -> Result<crate::round::RunOutcome> {
         let w = &self.work_dir;
-        let opts = ServeOptions { insecure: false, max_update_bytes: u64::MAX, print_rounds: true };
+        let opts = ServeOptions { print_rounds: true, ..Default::default() };
         let cfg2 = cfg.clone();
         let coord = Arc::new(tokio::task::spawn_blocking(move || Coordinator::prepare(&cfg2, false, opts)).await??);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

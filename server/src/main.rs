@@ -27,6 +27,67 @@ enum Command {
     /// Run a whole federation on this machine: the coordinator and N client processes on loopback (TLS),
     /// the real MiniLM model and Rotten Tomatoes split across the clients.
     Local(Box<LocalArgs>),
+    /// Coordinator load benchmark: many concurrent simulated clients submit Fed-SB updates of a large adapter
+    /// (default: Llama-3.2-3B-sized, r=64 on 7 modules × 28 layers = 802,816 values) over TLS on loopback;
+    /// prints updates/s, MB/s ingested, round close latency and the coordinator's peak RSS.
+    Bench(BenchArgs),
+    /// The load process of `bench` (started by it).
+    #[command(hide = true)]
+    BenchLoad(BenchLoadArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Simulated clients; a comma-separated list runs each count in a fresh coordinator process.
+    #[arg(long, value_delimiter = ',', default_values_t = [8usize, 32])]
+    clients: Vec<usize>,
+    /// Rounds per measurement.
+    #[arg(long, default_value_t = 3)]
+    rounds: u64,
+    /// Transformer layers.
+    #[arg(long, default_value_t = 28)]
+    layers: usize,
+    /// Adapted modules per layer (only their count matters).
+    #[arg(long, value_delimiter = ',', default_values_t = ["q", "k", "v", "o", "gate", "up", "down"].map(String::from))]
+    modules: Vec<String>,
+    /// LoRA-SB rank.
+    #[arg(long, default_value_t = 64)]
+    rank: usize,
+    /// Wire dtype of updates: f32, bf16, f16.
+    #[arg(long, default_value = "f32")]
+    wire_dtype: String,
+    /// Plaintext instead of TLS with client certificates.
+    #[arg(long)]
+    insecure: bool,
+    /// One JSON object per measurement instead of a table row.
+    #[arg(long)]
+    json: bool,
+    /// The coordinator's HTTP/2 receive window per client stream, KiB.
+    #[arg(long, default_value_t = 256)]
+    h2_window_kib: u32,
+    /// Folder for certificates and state (default: a temporary folder, removed afterwards).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct BenchLoadArgs {
+    #[arg(long)]
+    addr: String,
+    #[arg(long)]
+    certs: PathBuf,
+    #[arg(long)]
+    clients: usize,
+    #[arg(long)]
+    run_id: String,
+    #[arg(long)]
+    frozen_sha256: String,
+    #[arg(long)]
+    template: PathBuf,
+    #[arg(long, default_value = "f32")]
+    wire_dtype: String,
+    #[arg(long)]
+    insecure: bool,
 }
 
 #[derive(Args, Debug)]
@@ -65,7 +126,7 @@ struct LocalArgs {
     #[arg(long, default_value_t = 16)]
     rank: usize,
     /// Local optimizer steps per round.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 40)]
     local_steps: usize,
     /// Local batch size.
     #[arg(long, default_value_t = 32)]
@@ -73,6 +134,13 @@ struct LocalArgs {
     /// Local peak learning rate.
     #[arg(long, default_value_t = 5e-3)]
     lr: f64,
+    /// Learning-rate schedule within a round's local steps: constant, linear or cosine (decay to 0 after the
+    /// warm-up; every round restarts it).
+    #[arg(long, default_value = "linear")]
+    schedule: String,
+    /// Fraction of a round's local steps of linear warm-up.
+    #[arg(long, default_value_t = 0.06)]
+    warmup_ratio: f64,
     /// Longest sequence in tokens.
     #[arg(long, default_value_t = 64)]
     max_len: usize,
@@ -136,6 +204,10 @@ struct RunArgs {
     /// Override `state_dir` of the config.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// HTTP/2 receive window per client stream, KiB: bounds what each uploading client can make the
+    /// coordinator buffer; raise it for clients on links with a large bandwidth × round-trip time.
+    #[arg(long, default_value_t = 256)]
+    h2_window_kib: u32,
     /// Seconds to keep serving after the run ends, so clients learn the outcome.
     #[arg(long, default_value_t = 5)]
     linger_secs: u64,
@@ -176,17 +248,24 @@ fn server_tls(t: &TlsArgs) -> Result<Option<ServerTlsConfig>> {
 }
 
 fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // The benchmark's own output is its figures; per-update logs would only slow it down.
+    let default_filter = match cli.command {
+        Command::Bench(_) | Command::BenchLoad(_) => "warn",
+        _ => "warn,fedsb_server=info,fedsb=info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,fedsb_server=info,fedsb=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match Cli::parse().command {
+    match cli.command {
         Command::Run(a) => run(a),
         Command::Local(a) => local(*a),
+        Command::Bench(a) => bench(a),
+        Command::BenchLoad(a) => bench_load(a),
         Command::Certs(a) => {
             let c = fedsb_server::certs::make_dev_certs(&a.server_names, &a.clients, a.days)?;
             fedsb_server::certs::write_dev_certs(&c, &a.out)?;
@@ -212,7 +291,12 @@ fn run(a: RunArgs) -> Result<()> {
     cfg.validate()?;
     let tls = server_tls(&a.tls)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let opts = ServeOptions { insecure: a.tls.insecure, max_update_bytes: u64::MAX, print_rounds: true };
+    let opts = ServeOptions {
+        insecure: a.tls.insecure,
+        print_rounds: true,
+        h2_window_bytes: a.h2_window_kib * 1024,
+        ..Default::default()
+    };
     let coord = Arc::new(Coordinator::prepare(&cfg, a.resume, opts)?);
     let outcome = rt.block_on(async move {
         let listener =
@@ -275,6 +359,8 @@ fn local(a: LocalArgs) -> Result<()> {
         batch_size: a.batch_size,
         lr: a.lr,
         max_len: a.max_len,
+        schedule: a.schedule.parse()?,
+        warmup_ratio: a.warmup_ratio,
         ..Default::default()
     };
     let config = RunConfig {
@@ -328,6 +414,85 @@ fn local(a: LocalArgs) -> Result<()> {
     let outcome = rt.block_on(fed.run(cfg))?;
     if outcome.status != "completed" {
         bail!("the run failed: {}", outcome.message);
+    }
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    use fedsb_server::loadbench::{LoadShape, print_report, run_coordinator_side};
+    let exe = std::env::current_exe()?;
+    if a.clients.is_empty() || a.clients.contains(&0) || a.rounds == 0 || a.rank == 0 || a.layers == 0 {
+        bail!("--clients, --rounds, --layers and --rank must be positive");
+    }
+    if a.clients.len() > 1 {
+        // One fresh coordinator process per client count, so each peak RSS is measured alone.
+        for n in &a.clients {
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.args(["bench", "--clients", &n.to_string(), "--rounds", &a.rounds.to_string()])
+                .args(["--layers", &a.layers.to_string(), "--rank", &a.rank.to_string()])
+                .args(["--modules", &a.modules.join(","), "--wire-dtype", &a.wire_dtype])
+                .args(["--h2-window-kib", &a.h2_window_kib.to_string()]);
+            if a.insecure {
+                cmd.arg("--insecure");
+            }
+            if a.json {
+                cmd.arg("--json");
+            }
+            if let Some(w) = &a.work_dir {
+                cmd.arg("--work-dir").arg(w.join(format!("clients-{n}")));
+            }
+            let st = cmd.status().context("starting a bench process")?;
+            if !st.success() {
+                bail!("the measurement with {n} clients failed ({st})");
+            }
+        }
+        return Ok(());
+    }
+    let shape = LoadShape {
+        clients: a.clients[0],
+        rounds: a.rounds,
+        layers: a.layers,
+        modules: a.modules.clone(),
+        rank: a.rank,
+        wire_dtype: a.wire_dtype.parse()?,
+        insecure: a.insecure,
+        h2_window_bytes: a.h2_window_kib * 1024,
+    };
+    let tmp = tempfile::tempdir()?;
+    let work = a.work_dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    if !a.json {
+        eprintln!(
+            "bench: {} clients × {} rounds, {} values per update ({} layers × {} modules × r={}²), {}",
+            shape.clients,
+            shape.rounds,
+            shape.values(),
+            shape.layers,
+            shape.modules.len(),
+            shape.rank,
+            if shape.insecure { "plaintext" } else { "TLS with client certificates" }
+        );
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let report = rt.block_on(run_coordinator_side(&shape, &work, &exe))?;
+    print_report(&report, a.json)
+}
+
+fn bench_load(a: BenchLoadArgs) -> Result<()> {
+    use fedsb_server::loadbench::{LoadClients, run_load_clients};
+    let args = LoadClients {
+        addr: a.addr,
+        certs: a.certs,
+        clients: a.clients,
+        run_id: a.run_id,
+        frozen_sha256: a.frozen_sha256,
+        template: a.template,
+        wire_dtype: a.wire_dtype.parse()?,
+        insecure: a.insecure,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let timings = rt.block_on(run_load_clients(args))?;
+    for t in timings {
+        println!("{}", serde_json::to_string(&t)?);
     }
     Ok(())
 }

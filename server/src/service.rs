@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fedsb_common::comm::ledger::Direction;
-use fedsb_common::wire::{CHUNK_SIZE, is_sha256_hex, sha256_hex};
+use fedsb_common::wire::{CHUNK_SIZE, is_sha256_hex};
+use sha2::{Digest, Sha256};
 use fedsb_proto::v1 as pb;
 use fedsb_proto::v1::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
 use prost::Message;
@@ -29,12 +30,17 @@ pub const MAX_MESSAGE_BYTES: usize = 2 * CHUNK_SIZE + 64 * 1024;
 #[derive(Clone)]
 pub struct Service {
     c: Arc<Coordinator>,
+    /// Bounds the updates being read, checked and aggregated at once, so the coordinator's memory does not grow
+    /// with the number of clients uploading together: an upload waiting for a permit holds only its HTTP/2 flow
+    /// control window.
+    ingest: Arc<tokio::sync::Semaphore>,
 }
 
 impl Service {
     /// A service for the run `c`.
     pub fn new(c: Arc<Coordinator>) -> Self {
-        Self { c }
+        let permits = std::thread::available_parallelism().map_or(2, |n| n.get()).max(2);
+        Self { c, ingest: Arc::new(tokio::sync::Semaphore::new(permits)) }
     }
 
     /// The tonic server wrapper, with message limits set.
@@ -191,7 +197,7 @@ impl CoordinatorRpc for Service {
             let mut message = 0u64;
             while offset < total {
                 let end = (offset + CHUNK_SIZE as u64).min(total);
-                let chunk = pb::BlobChunk { offset, total, data: blob.bytes[offset as usize..end as usize].to_vec() };
+                let chunk = pb::BlobChunk { offset, total, data: blob.bytes.slice(offset as usize..end as usize) };
                 message += chunk.encoded_len() as u64 + GRPC_FRAME;
                 if tx.send(Ok(chunk)).await.is_err() {
                     return; // the client went away; nothing to count as delivered
@@ -243,7 +249,10 @@ impl CoordinatorRpc for Service {
                 h.frozen_sha256, self.c.frozen_sha256
             )));
         }
+        let _permit = self.ingest.acquire().await.map_err(|_| Status::unavailable("the coordinator is stopping"))?;
         let mut bytes = Vec::with_capacity(blob.size as usize);
+        // Hashed as the chunks arrive, while they are in cache.
+        let mut hasher = Sha256::new();
         while let Some(m) = stream.message().await? {
             message += m.encoded_len() as u64 + GRPC_FRAME;
             match m.part {
@@ -251,6 +260,7 @@ impl CoordinatorRpc for Service {
                     if bytes.len() + d.len() > blob.size as usize {
                         return Err(Status::invalid_argument(format!("more bytes than the declared {}", blob.size)));
                     }
+                    hasher.update(&d);
                     bytes.extend_from_slice(&d);
                 }
                 _ => return Err(Status::invalid_argument("only data may follow the header")),
@@ -263,7 +273,7 @@ impl CoordinatorRpc for Service {
                 blob.size
             )));
         }
-        if sha256_hex(&bytes) != blob.sha256 {
+        if hex::encode(hasher.finalize()) != blob.sha256 {
             return Err(Status::data_loss("the update's bytes do not match its sha256"));
         }
         let payload = safetensors_payload(&bytes).map_err(Status::invalid_argument)?;
