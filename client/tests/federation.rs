@@ -153,6 +153,23 @@ fn three_clients_two_rounds_over_mutual_tls() {
         let d = max_abs_diff(&global, &mean(&updates));
         assert!(d < 1e-6, "round {}: aggregate differs from the mean by {d}", r.round);
         assert!(max_abs_diff(&updates[0], &updates[1]) > 0.0, "clients trained on different data");
+        // On the real adapters: B·mean(Rᵢ)·A = mean(B·Rᵢ·A) for every adapted layer.
+        let init = decode_blob(&store.get_blob(&run.init_sha256).unwrap(), &Device::Cpu).unwrap();
+        let mut layers = 0;
+        for name in global.names().filter(|n| n.ends_with(".lora_R.weight")) {
+            let module = name.trim_end_matches(".lora_R.weight");
+            let b = init.require(&format!("{module}.lora_B.weight")).unwrap();
+            let a = init.require(&format!("{module}.lora_A.weight")).unwrap();
+            let full = |r: &Tensor| b.matmul(r).unwrap().matmul(a).unwrap();
+            let lhs = full(global.require(name).unwrap());
+            let parts: Vec<Tensor> = updates.iter().map(|u| full(u.require(name).unwrap())).collect();
+            let rhs = (Tensor::stack(&parts, 0).unwrap().sum(0).unwrap() / 3.0).unwrap();
+            let scale = rhs.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = (lhs - &rhs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(scale > 0.0 && diff <= 1e-5 * scale, "{module}: |B·R̄·A − mean(B·Rᵢ·A)| = {diff} (scale {scale})");
+            layers += 1;
+        }
+        assert_eq!(layers, 24, "every adapted layer checked");
         assert!(r.eval_json.as_deref().unwrap().contains("accuracy"));
     }
     // The ledger: Fed-SB's upload payload per client per round is exactly r² values per adapted layer plus the

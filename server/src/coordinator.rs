@@ -283,14 +283,26 @@ impl Coordinator {
             }
             None => None,
         };
-        Self::assemble(cfg, opts, store, run, RunStart { init, frozen_sha256, global0, completed, global_sha, evaluator })
+        Self::assemble(
+            cfg,
+            opts,
+            store,
+            run,
+            RunStart { init, frozen_sha256, global0, completed, global_sha, evaluator },
+        )
     }
 
     /// A run of a synthetic LoRA-SB adapter with no model behind it — `layers × modules` R matrices of
     /// `rank × rank`, seeded — for load tests of the transport, the ingest path and the round commit (the
     /// coordinator load benchmark). Clients of such a run must submit updates of exactly these tensors, with the
     /// frozen hash `frozen_sha256`. `cfg.model` is not read and there is no evaluation.
-    pub fn synthetic(cfg: &RunConfig, opts: ServeOptions, layers: usize, modules: &[&str], rank: usize) -> Result<Self> {
+    pub fn synthetic(
+        cfg: &RunConfig,
+        opts: ServeOptions,
+        layers: usize,
+        modules: &[&str],
+        rank: usize,
+    ) -> Result<Self> {
         use rand::SeedableRng;
         use rand_distr::Distribution;
         std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("creating {}", cfg.state_dir.display()))?;
@@ -379,10 +391,7 @@ impl Coordinator {
         let mut blobs = HashMap::new();
         blobs.insert(
             run.init_sha256.clone(),
-            ServedBlob {
-                bytes: store.get_blob(&run.init_sha256)?.into(),
-                payload_bytes: init.num_values() as u64 * 4,
-            },
+            ServedBlob { bytes: store.get_blob(&run.init_sha256)?.into(), payload_bytes: init.num_values() as u64 * 4 },
         );
         blobs.insert(
             global_sha.clone(),

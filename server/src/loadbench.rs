@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, anyhow, bail};
 use candle_core::Device;
 use fedsb_common::benchstats::{median, peak_rss_mib, reset_peak_rss, rss_mib};
+use fedsb_common::comm::ledger::{Direction, Transfer};
 use fedsb_common::wire::{CHUNK_SIZE, WireDtype, decode_blob, encode_blob};
 use fedsb_proto::v1 as pb;
 use fedsb_proto::v1::coordinator_client::CoordinatorClient;
@@ -92,6 +93,10 @@ pub struct LoadReport {
     pub round_close_ms_median: f64,
     /// The slowest round close, in ms.
     pub round_close_ms_max: f64,
+    /// Upload bytes on the socket (TLS included) over update payload bytes, from the coordinator's ledger.
+    pub up_wire_over_payload: f64,
+    /// Upload message bytes (protobuf + gRPC framing) over payload bytes.
+    pub up_message_over_payload: f64,
     /// The coordinator process's peak RSS while serving the rounds (MiB).
     pub peak_rss_mib: f64,
     /// The coordinator process's RSS after setup, before any client connected (MiB).
@@ -224,6 +229,14 @@ pub async fn run_coordinator_side(shape: &LoadShape, work_dir: &Path, load_exe: 
     closed_us.extend(watcher.await?);
     let peak_rss_mib = peak_rss_mib();
     let outcome = coord.engine().outcome().cloned();
+    let (mut payload, mut message, mut wire) = (0u64, 0u64, 0u64);
+    for e in coord.ledger()?.entries() {
+        if e.direction == Direction::Up && e.transfer == Transfer::Round {
+            payload += e.payload_bytes;
+            message += e.message_bytes;
+            wire += e.wire_bytes.unwrap_or(0);
+        }
+    }
     let _ = stop_tx.send(());
     server.await??;
     if !output.status.success() {
@@ -275,6 +288,8 @@ pub async fn run_coordinator_side(shape: &LoadShape, work_dir: &Path, load_exe: 
         ingest_mb_per_s_min: min_rate,
         round_close_ms_median: median(&mut close_ms),
         round_close_ms_max: max_close,
+        up_wire_over_payload: wire as f64 / payload.max(1) as f64,
+        up_message_over_payload: message as f64 / payload.max(1) as f64,
         peak_rss_mib,
         setup_rss_mib,
     })
@@ -403,8 +418,8 @@ pub fn print_report(r: &LoadReport, json: bool) -> Result<()> {
     } else {
         println!(
             "{:>4} clients × {} rounds, {} values ({:.2} MB {}) per update, {}: {:>7.1} updates/s, {:>7.1} MB/s \
-             ingested (slowest round {:.1}), round close {:.1} ms (max {:.1}), coordinator peak RSS {:.0} MiB \
-             (after setup {:.0})",
+             ingested (slowest round {:.1}), round close {:.1} ms (max {:.1}), wire/payload up {:.4}, \
+             coordinator peak RSS {:.0} MiB (after setup {:.0})",
             r.clients,
             r.rounds,
             r.values_per_update,
@@ -416,6 +431,7 @@ pub fn print_report(r: &LoadReport, json: bool) -> Result<()> {
             r.ingest_mb_per_s_min,
             r.round_close_ms_median,
             r.round_close_ms_max,
+            r.up_wire_over_payload,
             r.peak_rss_mib,
             r.setup_rss_mib,
         );

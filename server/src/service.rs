@@ -5,10 +5,10 @@ use std::time::{Duration, Instant};
 
 use fedsb_common::comm::ledger::Direction;
 use fedsb_common::wire::{CHUNK_SIZE, is_sha256_hex};
-use sha2::{Digest, Sha256};
 use fedsb_proto::v1 as pb;
 use fedsb_proto::v1::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
 use prost::Message;
+use sha2::{Digest, Sha256};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::TlsConnectInfo;
 use tonic::{Request, Response, Status, Streaming};
