@@ -154,6 +154,26 @@ async fn connect(a: &ConnectArgs) -> Result<Rpc> {
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
+/// The first connection: the coordinator may not be up yet (or restarting), so transport failures are retried
+/// with backoff for up to `--retry-secs`, each logged.
+async fn connect_with_retry(a: &JoinArgs) -> Result<Rpc> {
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match connect(&a.conn).await {
+            Ok(rpc) => return Ok(rpc),
+            Err(e) if start.elapsed() < Duration::from_secs(a.retry_secs) => {
+                tracing::warn!("connecting to {}: {e:#} — retrying in {:.1}s", a.conn.server, delay.as_secs_f64());
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => {
+                return Err(e.context(format!("connecting to {} (gave up after {}s)", a.conn.server, a.retry_secs)));
+            }
+        }
+    }
+}
+
 /// Whether an RPC error means "the connection is gone, try again" rather than a refusal.
 fn transient(s: &tonic::Status) -> bool {
     matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
@@ -234,7 +254,7 @@ async fn session(a: JoinArgs) -> Result<()> {
     let data = Dataset::load_jsonl(&a.data)?;
     let files = model_weight_files(&a.model)?;
     let base_sha = weights_sha256(&files)?;
-    let mut rpc = connect(&a.conn).await.with_context(|| format!("connecting to {}", a.conn.server))?;
+    let mut rpc = connect_with_retry(&a).await?;
     let join = pb::JoinRequest {
         base_model_sha256: base_sha.clone(),
         num_examples: data.len() as u64,

@@ -7,6 +7,9 @@
 //! - Protocol: with a tiny random model and hand-driven clients, every bad update is refused with a clear
 //!   status and changes nothing; rounds close at their deadline with a quorum and fail cleanly without one;
 //!   a coordinator restarted with `--resume` finishes with the same adapter as an uninterrupted run.
+//! - Crash: a coordinator process killed with SIGKILL after round 1 and restarted with resume; the real
+//!   `fedsb-client join` processes reconnect by themselves and the run ends with the same adapter as an
+//!   uninterrupted one.
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -509,4 +512,145 @@ async fn a_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_one() {
     let got = second.coord.engine().outcome().cloned().unwrap();
     assert_eq!(got.status, "completed");
     assert_eq!(got.global_sha256, want.global_sha256, "same final adapter, bit for bit");
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// A coordinator process killed with SIGKILL after round 1 and restarted with resume, with real
+// `fedsb-client join` processes that reconnect by themselves.
+
+const CHILD_CONFIG_ENV: &str = "FEDSB_TEST_COORDINATOR_CONFIG_JSON";
+
+/// Not a test: the coordinator process of `a_killed_coordinator_resumes_and_real_clients_reconnect`, which
+/// runs this test binary again with `--ignored --exact` and the run config in the environment. It serves until
+/// the run ends or the process is killed.
+#[test]
+#[ignore = "helper process of a_killed_coordinator_resumes_and_real_clients_reconnect"]
+fn helper_coordinator_process() {
+    let cfg: RunConfig = serde_json::from_str(&std::env::var(CHILD_CONFIG_ENV).expect("run by the kill test")).unwrap();
+    let resume = std::env::var("FEDSB_TEST_RESUME").is_ok_and(|v| v == "1");
+    let addr: std::net::SocketAddr = std::env::var("FEDSB_TEST_ADDR").unwrap().parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let opts = ServeOptions { insecure: true, ..Default::default() };
+        let coord = Arc::new(Coordinator::prepare(&cfg, resume, opts).unwrap());
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        fedsb_server::serve_until(coord, listener, None, Duration::from_secs(2), std::future::pending()).await.unwrap();
+    });
+}
+
+fn spawn_coordinator(cfg: &RunConfig, addr: std::net::SocketAddr, resume: bool) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "helper_coordinator_process", "--nocapture", "--test-threads", "1"])
+        .env(CHILD_CONFIG_ENV, serde_json::to_string(cfg).unwrap())
+        .env("FEDSB_TEST_RESUME", if resume { "1" } else { "0" })
+        .env("FEDSB_TEST_ADDR", addr.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn spawn_client(addr: std::net::SocketAddr, name: &str, f: &Fixture, work: &Path) -> std::process::Child {
+    let data = work.join(format!("{name}.jsonl"));
+    let seed = name.len() as u64 + name.bytes().map(u64::from).sum::<u64>();
+    std::fs::write(&data, fedsb_common::model::testing::tiny_classification_jsonl(48, seed)).unwrap();
+    let log = std::fs::File::create(work.join(format!("{name}.log"))).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_fedsb-client"))
+        .args(["join", "--insecure", "--server", &format!("http://{addr}"), "--token", name, "--retry-secs", "60"])
+        .arg("--model")
+        .arg(&f.model)
+        .arg("--data")
+        .arg(&data)
+        .arg("--work-dir")
+        .arg(work.join(name))
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// The final global of the latest run in `state`, once it has ended.
+fn final_global(state: &Path) -> (String, String) {
+    let store = Store::open(state).unwrap();
+    let run = store.latest_run().unwrap().unwrap();
+    let last = store.last_completed_round(&run.run_id).unwrap().unwrap();
+    (run.status, last.global_sha256.unwrap())
+}
+
+fn wait_ok(mut c: std::process::Child, what: &str, work: &Path) {
+    let st = c.wait().unwrap();
+    let logs: String = ["alice", "bob"]
+        .iter()
+        .map(|n| std::fs::read_to_string(work.join(format!("{n}.log"))).unwrap_or_default())
+        .collect();
+    assert!(st.success(), "{what} failed ({st}):\n{logs}");
+}
+
+#[test]
+fn a_killed_coordinator_resumes_and_real_clients_reconnect() {
+    let f = fixture();
+    let rounds = 4;
+    let config = |state: &str| {
+        let mut cfg = base_config(&f.model, &f.init, &f.dir.join(state), 2, rounds);
+        cfg.local.steps = Some(30);
+        cfg
+    };
+    // Uninterrupted, with the same seeds.
+    let work_a = f.dir.join("procs-a");
+    std::fs::create_dir_all(&work_a).unwrap();
+    let addr = free_addr();
+    let mut coord = spawn_coordinator(&config("state-a"), addr, false);
+    let clients: Vec<_> = ["alice", "bob"].iter().map(|n| spawn_client(addr, n, &f, &work_a)).collect();
+    for c in clients {
+        wait_ok(c, "a client of the uninterrupted run", &work_a);
+    }
+    let _ = coord.kill();
+    let _ = coord.wait();
+    let (status, want) = final_global(&f.dir.join("state-a"));
+    assert_eq!(status, "completed");
+
+    // Killed (SIGKILL) once round 1 is committed, restarted with resume on the same address.
+    let work_b = f.dir.join("procs-b");
+    std::fs::create_dir_all(&work_b).unwrap();
+    let cfg = config("state-b");
+    let addr = free_addr();
+    let mut coord = spawn_coordinator(&cfg, addr, false);
+    let clients: Vec<_> = ["alice", "bob"].iter().map(|n| spawn_client(addr, n, &f, &work_b)).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let completed = loop {
+        let done = Store::open(&cfg.state_dir)
+            .ok()
+            .and_then(|s| {
+                let run = s.latest_run().ok()??;
+                s.last_completed_round(&run.run_id).ok()?
+            })
+            .map_or(0, |r| r.round);
+        if done >= 1 {
+            break done;
+        }
+        assert!(std::time::Instant::now() < deadline, "round 1 never completed");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    coord.kill().unwrap();
+    coord.wait().unwrap();
+    assert!(completed < rounds, "the run must still be going when the coordinator dies");
+    let mut coord = spawn_coordinator(&cfg, addr, true);
+    for c in clients {
+        wait_ok(c, "a client that outlived its coordinator", &work_b);
+    }
+    let _ = coord.kill();
+    let _ = coord.wait();
+    let (status, got) = final_global(&cfg.state_dir);
+    assert_eq!(status, "completed");
+    assert_eq!(got, want, "the resumed run ends with the same adapter, bit for bit");
+    for n in ["alice", "bob"] {
+        let s: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(work_b.join(n).join("client_summary.json")).unwrap())
+                .unwrap();
+        assert_eq!(s["final_global_sha256"], got.as_str(), "{n} learned the final adapter");
+    }
 }

@@ -379,7 +379,7 @@ impl Coordinator {
             seed: cfg.seed,
         };
         let aggregator = make_aggregator(&spec.method, cfg.weighting)?;
-        let engine = RoundEngine::new(
+        let mut engine = RoundEngine::new(
             run.run_id.clone(),
             policy,
             aggregator,
@@ -388,6 +388,12 @@ impl Coordinator {
             global_sha.clone(),
             completed,
         );
+        // On resume, the clients that had joined are known again: they keep polling the restarted coordinator
+        // without joining anew (a client that is really gone is handled by the round deadline).
+        let now = now_ms();
+        for c in store.clients(&run.run_id)? {
+            engine.join(&c.client_id, c.num_examples, now);
+        }
         let mut blobs = HashMap::new();
         blobs.insert(
             run.init_sha256.clone(),
