@@ -189,6 +189,23 @@ fn three_clients_two_rounds_over_mutual_tls() {
     }
     let inits: Vec<_> = ledger.iter().filter(|l| l.transfer == "init").collect();
     assert_eq!(inits.len(), 3, "each client downloaded the init once");
+    // The communication planner, from config.json alone, agrees with the ledger byte for byte on payload.
+    use fedsb_common::comm::planner::{Method, ModelShape, Plan, PlanSpec};
+    let shape = ModelShape::from_file(&a.join("models/all-minilm-l6-v2/config.json")).unwrap();
+    let spec = PlanSpec {
+        method: Method::FedSb,
+        rank: 4,
+        targets: shape.default_targets(),
+        clients: 3,
+        bytes_per_value: 4,
+        num_labels: 2,
+    };
+    let plan = Plan::new(&shape, &spec).unwrap();
+    assert_eq!(plan.up_bytes(), expected);
+    assert_eq!(plan.down_bytes(), expected);
+    for l in &inits {
+        assert_eq!(l.payload_bytes, plan.init_bytes(), "init download: B, A and R0");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -31,6 +31,10 @@ enum Command {
     /// (default: Llama-3.2-3B-sized, r=64 on 7 modules × 28 layers = 802,816 values) over TLS on loopback;
     /// prints updates/s, MB/s ingested, round close latency and the coordinator's peak RSS.
     Bench(BenchArgs),
+    /// Communication planner: per-round values and bytes up/down per client and in total, and the one-time
+    /// download, of a federated LoRA method on a model, from its config.json alone (no weights). The last line
+    /// is the paper's `# Comm.` figure (parameters per round) as a plain integer.
+    Plan(PlanArgs),
     /// The load process of `bench` (started by it).
     #[command(hide = true)]
     BenchLoad(BenchLoadArgs),
@@ -68,6 +72,35 @@ struct BenchArgs {
     /// Folder for certificates and state (default: a temporary folder, removed afterwards).
     #[arg(long)]
     work_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct PlanArgs {
+    /// A Hugging Face config.json (or a model folder holding one).
+    #[arg(long)]
+    model_config: PathBuf,
+    /// fedsb, fedit, ffa-lora, fedex-lora, flora, or `all` for a comparison table.
+    #[arg(long, default_value = "fedsb")]
+    method: String,
+    /// Rank r.
+    #[arg(long)]
+    rank: u64,
+    /// Target modules (default: q,k,v,o,gate,up,down for decoders; query,value,attention.output.dense,output.dense
+    /// for encoders).
+    #[arg(long, value_delimiter = ',')]
+    target_modules: Option<Vec<String>>,
+    /// Clients per round.
+    #[arg(long, default_value_t = 1)]
+    clients: u64,
+    /// Wire dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Classes of a trainable classification head (encoders).
+    #[arg(long, default_value_t = 0)]
+    num_labels: u64,
+    /// One JSON object per method instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -266,6 +299,7 @@ fn main() -> Result<()> {
         Command::Local(a) => local(*a),
         Command::Bench(a) => bench(a),
         Command::BenchLoad(a) => bench_load(a),
+        Command::Plan(a) => plan(a),
         Command::Certs(a) => {
             let c = fedsb_server::certs::make_dev_certs(&a.server_names, &a.clients, a.days)?;
             fedsb_server::certs::write_dev_certs(&c, &a.out)?;
@@ -493,6 +527,74 @@ fn bench_load(a: BenchLoadArgs) -> Result<()> {
     let timings = rt.block_on(run_load_clients(args))?;
     for t in timings {
         println!("{}", serde_json::to_string(&t)?);
+    }
+    Ok(())
+}
+
+fn plan(a: PlanArgs) -> Result<()> {
+    use fedsb_common::comm::planner::{Method, ModelShape, Plan, PlanSpec};
+    use fedsb_server::coordinator::human_bytes;
+    let shape = ModelShape::from_file(&a.model_config)?;
+    let dtype: fedsb_common::wire::WireDtype = a.dtype.parse()?;
+    let methods: Vec<Method> = if a.method == "all" { Method::ALL.to_vec() } else { vec![a.method.parse()?] };
+    let targets = a.target_modules.clone().unwrap_or_else(|| shape.default_targets());
+    let plans = methods
+        .iter()
+        .map(|&method| {
+            let spec = PlanSpec {
+                method,
+                rank: a.rank,
+                targets: targets.clone(),
+                clients: a.clients,
+                bytes_per_value: dtype.bytes_per_value(),
+                num_labels: a.num_labels,
+            };
+            Plan::new(&shape, &spec)
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    if a.json {
+        for p in &plans {
+            let mut v = serde_json::to_value(p)?;
+            v["paper_comm"] = p.paper_comm().into();
+            println!("{v}");
+        }
+        return Ok(());
+    }
+    println!(
+        "{} ({} layers), r = {}, targets {}, {} clients per round, {} ({} adapted matrices{})",
+        a.model_config.display(),
+        shape.layers,
+        a.rank,
+        targets.join(","),
+        a.clients,
+        a.dtype,
+        plans[0].adapted_matrices,
+        if plans[0].head_values > 0 { format!(", head {} values", plans[0].head_values) } else { String::new() }
+    );
+    println!(
+        "{:<11} | {:>14} | {:>14} | {:>10} | {:>10} | {:>12} | {:>12} | {:>14}",
+        "method", "up values", "down values", "up bytes", "down bytes", "all clients", "init once", "# Comm."
+    );
+    for p in &plans {
+        println!(
+            "{:<11} | {:>14} | {:>14} | {:>10} | {:>10} | {:>12} | {:>12} | {:>14}",
+            p.method.name(),
+            p.up_per_client,
+            p.down_per_client,
+            human_bytes(p.up_bytes()),
+            human_bytes(p.down_bytes()),
+            human_bytes((p.up_bytes() + p.down_bytes()) * p.clients),
+            human_bytes(p.init_bytes()),
+            p.paper_comm()
+        );
+    }
+    for p in &plans {
+        if let Some(n) = p.paper_note() {
+            println!("note: {}: {n}", p.method.name());
+        }
+    }
+    if let [p] = plans.as_slice() {
+        println!("{}", p.paper_comm());
     }
     Ok(())
 }

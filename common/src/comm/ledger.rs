@@ -21,7 +21,7 @@ pub enum Direction {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Transfer {
-    /// The one-time LoRA-SB init download (B, A, R_init, head).
+    /// The one-time LoRA-SB init download (B, A and R_init; the head comes with the round-1 global).
     Init,
     /// Per-round task/update traffic.
     Round,
