@@ -57,8 +57,11 @@ fn mistral_and_gemma_arithmetic_table() {
         let got = comm(s, Method::FedExLora, 32, 25, None, 0) as f64 / M;
         assert!((got / want - 1.0).abs() < 1e-4, "FedEx-LoRA: {got} vs {want}");
     }
-    // FFA-LoRA: the paper prints half of FedIT; the exact B-only count differs for non-square matrices.
+    // FFA-LoRA: the paper prints half of FedIT (41.94 M); the exact B-only count differs for non-square
+    // matrices: Σ d·r = 32 layers × 32 × (4096 + 1024 + 1024 + 4096 + 14336 + 14336 + 4096) = 44,040,192
+    // (method.md §4: "the true B-only count for Mistral r=32 is 44.04 M").
     let ffa = comm(&mistral, Method::FfaLora, 32, 25, None, 0);
+    assert_eq!(ffa, 32 * 32 * (4096 + 1024 + 1024 + 4096 + 14336 + 14336 + 4096));
     close(ffa, 44.04, M, 0.01, "Mistral FFA-LoRA exact");
     assert_ne!(ffa, 83_886_080 / 2);
 }

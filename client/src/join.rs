@@ -116,6 +116,20 @@ struct ClientSummary {
 }
 
 async fn connect(a: &ConnectArgs) -> Result<Rpc> {
+    let (ep, token) = endpoint(a)?;
+    let channel = ep.connect().await?;
+    Ok(rpc_client(channel, token))
+}
+
+fn rpc_client(channel: Channel, token: Option<MetadataValue<tonic::metadata::Ascii>>) -> Rpc {
+    CoordinatorClient::with_interceptor(channel, TokenInterceptor(token))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// The endpoint and token from the flags, with no network access: every mistake here (a bad URL, a missing
+/// certificate file, http:// with TLS on) is reported at once, never retried.
+fn endpoint(a: &ConnectArgs) -> Result<(Endpoint, Option<MetadataValue<tonic::metadata::Ascii>>)> {
     let mut ep = Endpoint::from_shared(a.server.clone())
         .with_context(|| format!("bad --server `{}`", a.server))?
         .connect_timeout(Duration::from_secs(10))
@@ -144,31 +158,30 @@ async fn connect(a: &ConnectArgs) -> Result<Rpc> {
         }
         ep = ep.tls_config(tls)?;
     }
-    let channel = ep.connect().await?;
     let token = match &a.token {
         Some(t) => Some(t.parse().map_err(|_| anyhow!("--token must be ASCII"))?),
         None => None,
     };
-    Ok(CoordinatorClient::with_interceptor(channel, TokenInterceptor(token))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    Ok((ep, token))
 }
 
 /// The first connection: the coordinator may not be up yet (or restarting), so transport failures are retried
 /// with backoff for up to `--retry-secs`, each logged.
 async fn connect_with_retry(a: &JoinArgs) -> Result<Rpc> {
+    let (ep, token) = endpoint(&a.conn)?;
     let start = Instant::now();
     let mut delay = Duration::from_millis(250);
     loop {
-        match connect(&a.conn).await {
-            Ok(rpc) => return Ok(rpc),
+        match ep.connect().await {
+            Ok(channel) => return Ok(rpc_client(channel, token)),
             Err(e) if start.elapsed() < Duration::from_secs(a.retry_secs) => {
                 tracing::warn!("connecting to {}: {e:#} — retrying in {:.1}s", a.conn.server, delay.as_secs_f64());
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
             Err(e) => {
-                return Err(e.context(format!("connecting to {} (gave up after {}s)", a.conn.server, a.retry_secs)));
+                return Err(anyhow::Error::new(e)
+                    .context(format!("connecting to {} (gave up after {}s)", a.conn.server, a.retry_secs)));
             }
         }
     }
@@ -360,7 +373,10 @@ async fn session(a: JoinArgs) -> Result<()> {
                     // A refused update (deadline passed, round closed) is not fatal: wait for the next task.
                     Err(e) => eprintln!("[{client_id}] round {}: update refused: {e:#}", t.round),
                 }
-                summary.rounds_trained.push(t.round);
+                // A round reopened by a restarted coordinator is trained again but counted once.
+                if !summary.rounds_trained.contains(&t.round) {
+                    summary.rounds_trained.push(t.round);
+                }
                 if a.max_rounds.is_some_and(|n| summary.rounds_trained.len() as u64 >= n) {
                     summary.status = "left".into();
                     summary.message = format!("left after {} rounds (--max-rounds)", summary.rounds_trained.len());

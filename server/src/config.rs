@@ -180,7 +180,7 @@ pub struct RunConfig {
     /// Seed of sampling, init and training.
     #[serde(default = "seed")]
     pub seed: u64,
-    /// Aggregation method.
+    /// Aggregation method: `fedsb`, `fedit` or `ffa-lora`.
     #[serde(default = "fedsb")]
     pub method: String,
     /// Weighting of client updates.
@@ -279,8 +279,9 @@ impl RunConfig {
         if self.round_deadline_secs == 0 {
             bail!("round_deadline_secs must be positive");
         }
-        if self.method != "fedsb" {
-            bail!("method `{}` is not available (available: fedsb)", self.method);
+        let methods = fedsb_common::aggregate::METHODS;
+        if !methods.contains(&self.method.as_str()) {
+            bail!("method `{}` is not available (available: {})", self.method, methods.join(", "));
         }
         if self.adapter.rank == 0 {
             bail!("adapter.rank must be at least 1");

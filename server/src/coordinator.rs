@@ -152,18 +152,31 @@ pub struct Coordinator {
     pub notify: Notify,
 }
 
-fn adapter_config(cfg: &RunConfig, task: TaskKind) -> AdapterConfig {
+/// The adapter each method trains: LoRA-SB for Fed-SB, LoRA for FedIT, FFA-LoRA (A frozen) for FFA-LoRA.
+fn adapter_kind(method: &str) -> Result<AdapterKind> {
+    Ok(match method {
+        "fedsb" => AdapterKind::LoraSb,
+        "fedit" => AdapterKind::Lora,
+        "ffa-lora" => AdapterKind::FfaLora,
+        o => bail!(
+            "method `{o}` is not supported by the coordinator yet (supported: {})",
+            fedsb_common::aggregate::METHODS.join(", ")
+        ),
+    })
+}
+
+fn adapter_config(cfg: &RunConfig, task: TaskKind) -> Result<AdapterConfig> {
     let default: &[&str] = match task {
         TaskKind::CausalLm => &["q", "k", "v", "o", "gate", "up", "down"],
         TaskKind::Classification => &["query", "value", "attention.output.dense", "output.dense"],
     };
-    let mut a = AdapterConfig::new(AdapterKind::LoraSb, cfg.adapter.rank, default);
+    let mut a = AdapterConfig::new(adapter_kind(&cfg.method)?, cfg.adapter.rank, default);
     if let Some(t) = &cfg.adapter.targets {
         a.targets = t.clone();
     }
     a.alpha = cfg.adapter.alpha.unwrap_or(cfg.adapter.rank as f64);
     a.seed = cfg.seed;
-    a
+    Ok(a)
 }
 
 /// Where a run starts: its init tensors, the frozen hash, the starting global (the round-0 one or, on resume,
@@ -198,7 +211,7 @@ impl Coordinator {
             bail!("the base model's weights have sha256 {base_sha}, but the config requires {want}");
         }
         let task = loaded.model.task();
-        let adapter = adapter_config(cfg, task);
+        let adapter = adapter_config(cfg, task)?;
         let mut model = loaded.model.clone();
         let (run, init, completed, global_sha) = if resume {
             let run = store.latest_run()?.ok_or_else(|| anyhow!("--resume: no run in {}", cfg.state_dir.display()))?;
@@ -233,10 +246,34 @@ impl Coordinator {
                 power_iters: cfg.init.power_iters,
                 seed: cfg.seed,
             };
-            tracing::info!("LoRA-SB init on {} samples of {} (η = {eta:.3e})", icfg.samples, cfg.init.data.display());
-            let (init, rep) =
-                lora_sb_init(&mut model, &adapter, &init_data, &icfg, loaded.tokenizer.pad_id(), &mut |_, _| {})?;
-            tracing::info!("LoRA-SB init: {} matrices in {:.1}s", rep.layers, rep.gradient_seconds + rep.svd_seconds);
+            let init = if adapter.kind == AdapterKind::LoraSb {
+                tracing::info!(
+                    "LoRA-SB init on {} samples of {} (η = {eta:.3e})",
+                    icfg.samples,
+                    cfg.init.data.display()
+                );
+                let (init, rep) =
+                    lora_sb_init(&mut model, &adapter, &init_data, &icfg, loaded.tokenizer.pad_id(), &mut |_, _| {})?;
+                tracing::info!(
+                    "LoRA-SB init: {} matrices in {:.1}s",
+                    rep.layers,
+                    rep.gradient_seconds + rep.svd_seconds
+                );
+                init
+            } else {
+                // LoRA / FFA-LoRA: the seeded starting factors, served once so that every client starts from
+                // bit-identical A (and B) and the frozen A of FFA-LoRA is checked by hash like LoRA-SB's B and A.
+                model.attach_adapters(&adapter, None)?;
+                let init: TensorSet = model
+                    .adapter_tensors()?
+                    .iter()
+                    .filter(|(n, _)| n.contains(".lora_"))
+                    .map(|(n, t)| (n.clone(), t.clone()))
+                    .collect();
+                model.detach_adapters();
+                tracing::info!("{} init: {} adapter tensors from seed {}", cfg.method, init.len(), adapter.seed);
+                init
+            };
             let init_blob = encode_blob(&init, WireDtype::F32)?;
             let init_sha = store.put_blob(&init_blob.bytes)?;
             let run_id = format!("run-{}", now_ms());

@@ -124,7 +124,8 @@ pub async fn run_coordinator_side(shape: &LoadShape, work_dir: &Path, load_exe: 
         clients_per_round: ClientsPerRound::Count(shape.clients),
         min_clients: Some(shape.clients),
         quorum: Some(shape.clients),
-        round_deadline_secs: 3600,
+        // Short: a load process that died must not keep the benchmark waiting.
+        round_deadline_secs: 120,
         on_quorum_miss: QuorumMiss::Stop,
         max_retries: 0,
         seed: 1,
@@ -175,7 +176,9 @@ pub async fn run_coordinator_side(shape: &LoadShape, work_dir: &Path, load_exe: 
         })
     };
     let setup_rss_mib = rss_mib();
-    reset_peak_rss();
+    if !reset_peak_rss() {
+        tracing::warn!("cannot reset the peak RSS counter: the peak includes the setup");
+    }
 
     let mut cmd = tokio::process::Command::new(load_exe);
     cmd.arg("bench-load")
@@ -225,7 +228,14 @@ pub async fn run_coordinator_side(shape: &LoadShape, work_dir: &Path, load_exe: 
             }
         })
     };
+    // The load process's exit comes first; if it failed, the rounds will never close: stop at once.
     let output = child.wait_with_output().await?;
+    if !output.status.success() {
+        watcher.abort();
+        let _ = stop_tx.send(());
+        let _ = server.await;
+        bail!("the load process failed ({})", output.status);
+    }
     closed_us.extend(watcher.await?);
     let peak_rss_mib = peak_rss_mib();
     let outcome = coord.engine().outcome().cloned();
@@ -239,9 +249,6 @@ pub async fn run_coordinator_side(shape: &LoadShape, work_dir: &Path, load_exe: 
     }
     let _ = stop_tx.send(());
     server.await??;
-    if !output.status.success() {
-        bail!("the load process failed ({})", output.status);
-    }
     match outcome {
         Some(o) if o.status == "completed" => {}
         Some(o) => bail!("the benchmark run failed: {}", o.message),
@@ -349,7 +356,7 @@ fn request<T>(m: T, name: &str, insecure: bool) -> Result<tonic::Request<T>> {
 pub async fn run_load_clients(a: LoadClients) -> Result<Vec<SubmitTiming>> {
     let template = decode_blob(&std::fs::read(&a.template)?, &Device::Cpu)?;
     let a = Arc::new(a);
-    let mut tasks = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
     for i in 0..a.clients {
         let name = client_name(i);
         // Each client's update: the template shifted by a small client-specific offset.
@@ -359,7 +366,7 @@ pub async fn run_load_clients(a: LoadClients) -> Result<Vec<SubmitTiming>> {
         let sha = blob.sha256.clone();
         let bytes = prost::bytes::Bytes::from(blob.bytes);
         let a = a.clone();
-        tasks.push(tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut rpc = connect(&a, &name).await?;
             let join = pb::JoinRequest {
                 base_model_sha256: "synthetic".into(),
@@ -402,11 +409,16 @@ pub async fn run_load_clients(a: LoadClients) -> Result<Vec<SubmitTiming>> {
                     bytes: bytes.len() as u64,
                 });
             }
-        }));
+        });
     }
+    // The first failing client fails the load process (and so the benchmark) at once.
     let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await??);
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Ok(t)) => all.extend(t),
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(all)
 }

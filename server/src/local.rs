@@ -170,7 +170,8 @@ impl LocalFederation {
             .identity(tonic::transport::Identity::from_pem(read("certs/server.pem")?, read("certs/server.key")?))
             .client_ca_root(tonic::transport::Certificate::from_pem(read("certs/ca.pem")?));
         println!(
-            "local federation: run {}, {} clients, {} rounds, coordinator on {addr} (TLS, client certificates); work folder {}",
+            "local federation ({}): run {}, {} clients, {} rounds, coordinator on {addr} (TLS, client certificates); work folder {}",
+            coord.spec.method,
             coord.run_id,
             self.clients,
             cfg.rounds,
@@ -216,8 +217,14 @@ impl LocalFederation {
         println!("{}", ledger.table());
         std::fs::write(w.join("ledger.jsonl"), ledger.to_jsonl())?;
         println!(
-            "analytic minimum per client per direction per round: {} (Fed-SB: r² values per adapted layer + the head)",
-            human_bytes(coord.analytic_min_bytes())
+            "analytic minimum per client per direction per round: {} ({}: {} per adapted layer + the head)",
+            human_bytes(coord.analytic_min_bytes()),
+            coord.spec.method,
+            match coord.spec.method.as_str() {
+                "fedsb" => "r² values",
+                "ffa-lora" => "d·r values (B)",
+                _ => "r·(d+k) values (A and B)",
+            }
         );
         println!("run {}: {}", outcome.status, outcome.message);
         println!("metrics: {}, ledger: {}", w.join("state/metrics.jsonl").display(), w.join("ledger.jsonl").display());

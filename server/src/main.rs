@@ -67,7 +67,7 @@ struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// The coordinator's HTTP/2 receive window per client stream, KiB.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
     h2_window_kib: u32,
     /// Folder for certificates and state (default: a temporary folder, removed afterwards).
     #[arg(long)]
@@ -155,7 +155,11 @@ struct LocalArgs {
     /// First examples of the training data kept as the coordinator's public data for the LoRA-SB init.
     #[arg(long, default_value_t = 256)]
     public_examples: usize,
-    /// LoRA-SB rank.
+    /// Method: fedsb (LoRA-SB, R averaged), or the baselines fedit (LoRA, A and B averaged) and ffa-lora
+    /// (LoRA with A frozen, B averaged).
+    #[arg(long, default_value = "fedsb")]
+    method: String,
+    /// Adapter rank.
     #[arg(long, default_value_t = 16)]
     rank: usize,
     /// Local optimizer steps per round.
@@ -239,7 +243,7 @@ struct RunArgs {
     state_dir: Option<PathBuf>,
     /// HTTP/2 receive window per client stream, KiB: bounds what each uploading client can make the
     /// coordinator buffer; raise it for clients on links with a large bandwidth × round-trip time.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
     h2_window_kib: u32,
     /// Seconds to keep serving after the run ends, so clients learn the outcome.
     #[arg(long, default_value_t = 5)]
@@ -406,7 +410,7 @@ fn local(a: LocalArgs) -> Result<()> {
         on_quorum_miss: QuorumMiss::Retry,
         max_retries: 2,
         seed: a.seed,
-        method: "fedsb".into(),
+        method: a.method.clone(),
         weighting: fedsb_common::aggregate::Weighting::Uniform,
         wire_dtype: a.wire_dtype.parse()?,
         max_update_bytes: None,
@@ -457,6 +461,10 @@ fn bench(a: BenchArgs) -> Result<()> {
     let exe = std::env::current_exe()?;
     if a.clients.is_empty() || a.clients.contains(&0) || a.rounds == 0 || a.rank == 0 || a.layers == 0 {
         bail!("--clients, --rounds, --layers and --rank must be positive");
+    }
+    let distinct: std::collections::BTreeSet<&String> = a.modules.iter().collect();
+    if distinct.len() != a.modules.len() || a.modules.is_empty() {
+        bail!("--modules must name distinct modules");
     }
     if a.clients.len() > 1 {
         // One fresh coordinator process per client count, so each peak RSS is measured alone.

@@ -30,17 +30,23 @@ pub const MAX_MESSAGE_BYTES: usize = 2 * CHUNK_SIZE + 64 * 1024;
 #[derive(Clone)]
 pub struct Service {
     c: Arc<Coordinator>,
-    /// Bounds the updates being read, checked and aggregated at once, so the coordinator's memory does not grow
-    /// with the number of clients uploading together: an upload waiting for a permit holds only its HTTP/2 flow
-    /// control window.
+    /// A memory budget (KiB) for the updates being read, checked and aggregated at once, so the coordinator's
+    /// memory does not grow with the number of clients uploading together: an upload waiting for its share
+    /// holds only its HTTP/2 flow-control window.
     ingest: Arc<tokio::sync::Semaphore>,
 }
+
+/// The ingest budget: updates being read at once hold at most this many bytes (an update larger than the
+/// budget takes all of it).
+pub const INGEST_BUDGET_BYTES: u64 = 64 << 20;
+
+/// Longest pause between two chunks of an update being read (it holds part of the ingest budget).
+const CHUNK_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Service {
     /// A service for the run `c`.
     pub fn new(c: Arc<Coordinator>) -> Self {
-        let permits = std::thread::available_parallelism().map_or(2, |n| n.get()).max(2);
-        Self { c, ingest: Arc::new(tokio::sync::Semaphore::new(permits)) }
+        Self { c, ingest: Arc::new(tokio::sync::Semaphore::new((INGEST_BUDGET_BYTES >> 10) as usize)) }
     }
 
     /// The tonic server wrapper, with message limits set.
@@ -249,11 +255,17 @@ impl CoordinatorRpc for Service {
                 h.frozen_sha256, self.c.frozen_sha256
             )));
         }
-        let _permit = self.ingest.acquire().await.map_err(|_| Status::unavailable("the coordinator is stopping"))?;
+        let share = (blob.size.div_ceil(1024)).clamp(1, INGEST_BUDGET_BYTES >> 10) as u32;
+        let _permit =
+            self.ingest.acquire_many(share).await.map_err(|_| Status::unavailable("the coordinator is stopping"))?;
         let mut bytes = Vec::with_capacity(blob.size as usize);
         // Hashed as the chunks arrive, while they are in cache.
         let mut hasher = Sha256::new();
-        while let Some(m) = stream.message().await? {
+        loop {
+            let next = tokio::time::timeout(CHUNK_IDLE_TIMEOUT, stream.message()).await.map_err(|_| {
+                Status::deadline_exceeded(format!("no update data for {}s", CHUNK_IDLE_TIMEOUT.as_secs()))
+            })?;
+            let Some(m) = next? else { break };
             message += m.encoded_len() as u64 + GRPC_FRAME;
             match m.part {
                 Some(pb::update_chunk::Part::Data(d)) => {

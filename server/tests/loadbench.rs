@@ -22,7 +22,8 @@ fn bench_runs_a_small_synthetic_federation_and_reports_consistent_figures() {
     for k in ["updates_per_s", "ingest_mb_per_s", "peak_rss_mib"] {
         assert!(r[k].as_f64().unwrap() > 0.0, "{k}: {r}");
     }
-    assert!(r["round_close_ms_median"].as_f64().unwrap() >= 0.0, "{r}");
+    // Closing a round writes and fsyncs a blob and commits a transaction: never free.
+    assert!(r["round_close_ms_median"].as_f64().unwrap() > 0.0, "{r}");
     // Protobuf framing and TLS only add bytes.
     assert!(r["up_message_over_payload"].as_f64().unwrap() > 1.0, "{r}");
     assert!(r["up_wire_over_payload"].as_f64().unwrap() > r["up_message_over_payload"].as_f64().unwrap(), "{r}");

@@ -8,16 +8,19 @@
 //! **Invariant:** aggregation is streaming. An aggregator keeps a running state whose size is O(adapter)
 //! (for a mean, one f64 sum per value plus the total weight), never a list of client updates, so memory
 //! does not grow with the number of clients. A rejected update changes nothing.
-mod fedsb;
+mod mean;
+mod methods;
 
-pub use fedsb::FedSbAggregator;
+pub use mean::TensorMean;
+pub use methods::{FedItAggregator, FedSbAggregator, FfaLoraAggregator};
 
 use crate::{Error, Result, TensorSet};
 
 /// The method names [`make_aggregator`] knows.
-pub const METHODS: &[&str] = &["fedsb"];
+pub const METHODS: &[&str] = &["fedsb", "fedit", "ffa-lora"];
 
-/// One aggregation method (Fed-SB now; FedIT, FFA-LoRA, FedEx-LoRA, FLoRA later behind the same trait).
+/// One aggregation method (Fed-SB, FedIT, FFA-LoRA; FedEx-LoRA and FLoRA, which also change the base
+/// weights, come later behind the same trait).
 pub trait Aggregator: Send {
     /// Method name as used in configs ("fedsb").
     fn name(&self) -> &'static str;
@@ -52,6 +55,8 @@ pub enum Weighting {
 pub fn make_aggregator(method: &str, weighting: Weighting) -> Result<Box<dyn Aggregator>> {
     match method {
         "fedsb" => Ok(Box::new(FedSbAggregator::new(weighting))),
+        "fedit" => Ok(Box::new(FedItAggregator::new(weighting))),
+        "ffa-lora" => Ok(Box::new(FfaLoraAggregator::new(weighting))),
         other => {
             Err(Error::Config(format!("unknown aggregation method `{other}`; known methods: {}", METHODS.join(", "))))
         }
@@ -63,10 +68,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn make_aggregator_knows_fedsb_only() {
-        let a = make_aggregator("fedsb", Weighting::Uniform).unwrap();
-        assert_eq!(a.name(), "fedsb");
-        assert_eq!(a.count(), 0);
+    fn make_aggregator_knows_the_methods_it_lists() {
+        for m in METHODS {
+            let a = make_aggregator(m, Weighting::Uniform).unwrap();
+            assert_eq!(a.name(), *m);
+            assert_eq!(a.count(), 0);
+        }
+        assert!(make_aggregator("flora", Weighting::Uniform).is_err(), "not yet");
         let msg = make_aggregator("fedavg", Weighting::Uniform).err().unwrap().to_string();
         assert!(msg.contains("fedavg") && msg.contains("fedsb"), "{msg}");
     }

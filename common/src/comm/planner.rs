@@ -110,12 +110,19 @@ impl ModelShape {
     /// hidden/heads).
     pub fn from_config_json(v: &Value) -> Result<Self> {
         let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("").to_string();
-        let layers = need(v, "num_hidden_layers")?;
-        let hidden = need(v, "hidden_size")?;
-        let ffn = need(v, "intermediate_size")?;
-        let heads = need(v, "num_attention_heads")?;
+        let sane = |key: &str| -> Result<u64> {
+            let x = need(v, key)?;
+            if x == 0 || x > 1 << 32 {
+                return Err(Error::Config(format!("config.json: `{key}` = {x} is out of range")));
+            }
+            Ok(x)
+        };
+        let layers = sane("num_hidden_layers")?;
+        let hidden = sane("hidden_size")?;
+        let ffn = sane("intermediate_size")?;
+        let heads = sane("num_attention_heads")?;
         let m = |name: &str, d_out: u64, d_in: u64| ModuleShape { name: name.into(), d_out, d_in };
-        let encoder = matches!(model_type.as_str(), "bert" | "roberta" | "xlm-roberta" | "distilbert" | "electra");
+        let encoder = matches!(model_type.as_str(), "bert" | "roberta" | "xlm-roberta" | "electra");
         let modules = if encoder {
             vec![
                 m("query", hidden, hidden),
@@ -126,9 +133,12 @@ impl ModelShape {
                 m("output.dense", hidden, ffn),
             ]
         } else {
-            let kv_heads = field(v, "num_key_value_heads").unwrap_or(heads);
-            let head_dim = field(v, "head_dim").unwrap_or(hidden / heads.max(1));
-            let (q, kv) = (heads * head_dim, kv_heads * head_dim);
+            let kv_heads = if v.get("num_key_value_heads").is_some() { sane("num_key_value_heads")? } else { heads };
+            let head_dim = if v.get("head_dim").is_some() { sane("head_dim")? } else { hidden / heads };
+            let (q, kv) = match (heads.checked_mul(head_dim), kv_heads.checked_mul(head_dim)) {
+                (Some(q), Some(kv)) => (q, kv),
+                _ => return Err(Error::Config("config.json: heads × head_dim overflows".into())),
+            };
             vec![
                 m("q", q, hidden),
                 m("k", kv, hidden),
@@ -212,6 +222,9 @@ impl Plan {
         if spec.rank == 0 || spec.clients == 0 || spec.bytes_per_value == 0 {
             return Err(Error::Config("rank, clients and bytes per value must be positive".into()));
         }
+        if spec.rank > 1 << 20 || spec.clients > 1 << 32 || spec.num_labels > 1 << 32 {
+            return Err(Error::Config("rank (≤ 2^20), clients and labels (≤ 2^32) out of range".into()));
+        }
         let mut per_layer = Vec::new();
         for t in &spec.targets {
             let m = shape.modules.iter().find(|m| &m.name == t).ok_or_else(|| {
@@ -233,34 +246,44 @@ impl Plan {
             }
             per_layer.push(m.clone());
         }
-        let (r, c, l) = (spec.rank, spec.clients, shape.layers);
-        let head =
-            if shape.encoder && spec.num_labels > 0 { spec.num_labels * shape.hidden + spec.num_labels } else { 0 };
-        let sum = |f: &dyn Fn(&ModuleShape) -> u64| -> u64 { l * per_layer.iter().map(f).sum::<u64>() };
-        let lora = sum(&|m| r * (m.d_out + m.d_in));
+        // u128 throughout: absurd inputs (from a CLI or a config file) give an error, never a wrapped number.
+        let (r, c, l) = (u128::from(spec.rank), u128::from(spec.clients), u128::from(shape.layers));
+        let (hidden, labels) = (u128::from(shape.hidden), u128::from(spec.num_labels));
+        let head = if shape.encoder && labels > 0 { labels * hidden + labels } else { 0 };
+        let sum = |f: &dyn Fn(u128, u128) -> u128| -> u128 {
+            l * per_layer.iter().map(|m| f(u128::from(m.d_out), u128::from(m.d_in))).sum::<u128>()
+        };
+        let lora = sum(&|d, k| r * (d + k));
+        let stacked_or_dense = sum(&|d, k| (c * r * (d + k)).min(d * k));
         let (up, down, init, trainable) = match spec.method {
             Method::FedIt => (lora, lora, 0, lora),
             Method::FfaLora => {
-                let b = sum(&|m| m.d_out * r);
+                let b = sum(&|d, _| d * r);
                 (b, b, 0, b)
             }
-            Method::FedExLora => (lora, lora + sum(&|m| (c * r * (m.d_out + m.d_in)).min(m.d_out * m.d_in)), 0, lora),
-            Method::FLora => (lora, sum(&|m| (c * r * (m.d_out + m.d_in)).min(m.d_out * m.d_in)), 0, lora),
+            Method::FedExLora => (lora, lora + stacked_or_dense, 0, lora),
+            Method::FLora => (lora, stacked_or_dense, 0, lora),
             Method::FedSb => {
-                let rr = sum(&|_| r * r);
+                let rr = sum(&|_, _| r * r);
                 (rr, rr, lora + rr, rr)
             }
         };
+        let fit = |x: u128| {
+            // The paper figure multiplies by c once more; keep that within u64 too.
+            u64::try_from(x.saturating_mul(c.max(1))).map(|_| x as u64).map_err(|_| {
+                Error::Config(format!("the plan's counts overflow (rank {}, {} clients)", spec.rank, spec.clients))
+            })
+        };
         Ok(Self {
             method: spec.method,
-            rank: r,
-            clients: c,
-            adapted_matrices: l * per_layer.len() as u64,
-            head_values: head,
-            up_per_client: up + head,
-            down_per_client: down + head,
-            init_download_per_client: init,
-            trainable_per_client: trainable + head,
+            rank: spec.rank,
+            clients: spec.clients,
+            adapted_matrices: fit(l * per_layer.len() as u128)?,
+            head_values: fit(head)?,
+            up_per_client: fit(up + head)?,
+            down_per_client: fit(down + head)?,
+            init_download_per_client: fit(init)?,
+            trainable_per_client: fit(trainable + head)?,
             bytes_per_value: spec.bytes_per_value,
         })
     }
@@ -291,17 +314,17 @@ impl Plan {
 
     /// Bytes each client uploads per round.
     pub fn up_bytes(&self) -> u64 {
-        self.up_per_client * self.bytes_per_value
+        self.up_per_client.saturating_mul(self.bytes_per_value)
     }
 
     /// Bytes each client downloads per round.
     pub fn down_bytes(&self) -> u64 {
-        self.down_per_client * self.bytes_per_value
+        self.down_per_client.saturating_mul(self.bytes_per_value)
     }
 
     /// Bytes each client downloads once.
     pub fn init_bytes(&self) -> u64 {
-        self.init_download_per_client * self.bytes_per_value
+        self.init_download_per_client.saturating_mul(self.bytes_per_value)
     }
 }
 
@@ -355,6 +378,14 @@ mod tests {
         assert!(Plan::new(&s, &sp).is_err());
         let sp = spec(Method::FedSb, 5000, &s);
         assert!(Plan::new(&s, &sp).unwrap_err().to_string().contains("exceeds"));
+        let mut sp = spec(Method::FedExLora, 1 << 20, &s);
+        sp.clients = 1 << 32;
+        assert!(Plan::new(&s, &sp).unwrap_err().to_string().contains("overflow"));
+        sp.clients = u64::MAX;
+        assert!(Plan::new(&s, &sp).unwrap_err().to_string().contains("out of range"));
+        let bad = serde_json::json!({"num_hidden_layers": 2, "hidden_size": 0, "intermediate_size": 4,
+            "num_attention_heads": 1});
+        assert!(ModelShape::from_config_json(&bad).unwrap_err().to_string().contains("hidden_size"));
         assert!("fedavg".parse::<Method>().is_err());
         for m in Method::ALL {
             assert_eq!(m.name().parse::<Method>().unwrap(), m);

@@ -1,23 +1,19 @@
-//! Fed-SB aggregation: the global `R̄` of every adapted layer is the (weighted) mean of the clients' `R`,
-//! and the classifier head, if trained, is averaged the same way; i.e. every tensor of the trainable set
-//! is averaged (`CERT-Lab/fed-sb:fed_sb/fed/fed_agg.py::aggregate_models_fed_sb`, method.md §2.3).
+//! [`TensorMean`]: the streaming (weighted) mean of named tensors that Fed-SB, FedIT and FFA-LoRA aggregate
+//! with (`methods.rs` says which tensors each method averages and why the mean is or is not exact).
 use candle_core::{DType, Device, Tensor};
 
 use super::{Aggregator, Weighting};
 use crate::{Error, Result, TensorSet};
 
-/// Fed-SB's aggregator: `R̄ = Σ wᵢ·Rᵢ / Σ wᵢ` per tensor, with `wᵢ = 1` under [`Weighting::Uniform`].
-///
-/// **Exactness.** All clients share the same frozen `B` and `A` (the LoRA-SB init), so the update of a
-/// layer, `s·B·R·A`, is linear in `R` and `B·mean(Rᵢ)·A = mean(B·Rᵢ·A)`: averaging the `R`s gives exactly
-/// the average of the clients' full weight updates, unlike FedIT, where `mean(Bᵢ)·mean(Aᵢ) ≠ mean(Bᵢ·Aᵢ)`.
-/// The same holds for the head, which enters the model linearly in its own parameters.
+/// The weighted mean `Σ wᵢ·Xᵢ / Σ wᵢ` of every tensor of the global trainable set, with `wᵢ = 1` under
+/// [`Weighting::Uniform`].
 ///
 /// The running state is one f64 sum per value plus the total weight (O(adapter) memory, however many
 /// clients), so the mean is exact to f64 before the final cast to f32. Updates in bf16/f16 are converted
 /// to f32 first.
 #[derive(Debug)]
-pub struct FedSbAggregator {
+pub struct TensorMean {
+    method: &'static str,
     weighting: Weighting,
     round: Option<RoundState>,
 }
@@ -35,10 +31,10 @@ struct RoundState {
     count: usize,
 }
 
-impl FedSbAggregator {
-    /// An aggregator with no open round; call [`Aggregator::begin`] first.
-    pub fn new(weighting: Weighting) -> Self {
-        Self { weighting, round: None }
+impl TensorMean {
+    /// A mean for `method` (its name in errors) with no open round; call [`Aggregator::begin`] first.
+    pub fn new(method: &'static str, weighting: Weighting) -> Self {
+        Self { method, weighting, round: None }
     }
 
     /// How updates are weighted.
@@ -47,7 +43,9 @@ impl FedSbAggregator {
     }
 
     fn open(&self) -> Result<&RoundState> {
-        self.round.as_ref().ok_or_else(|| Error::Config("fedsb aggregator: no round begun (call begin first)".into()))
+        self.round
+            .as_ref()
+            .ok_or_else(|| Error::Config(format!("{} aggregator: no round begun (call begin first)", self.method)))
     }
 
     /// Validates `update` and `weight`; returns the update's values as f32, in layout order, and the weight
@@ -92,14 +90,14 @@ impl FedSbAggregator {
     }
 }
 
-impl Aggregator for FedSbAggregator {
+impl Aggregator for TensorMean {
     fn name(&self) -> &'static str {
-        "fedsb"
+        self.method
     }
 
     fn begin(&mut self, global: &TensorSet) -> Result<()> {
         if global.is_empty() {
-            return Err(Error::Config("fedsb aggregator: the global trainable set has no tensors".into()));
+            return Err(Error::Config(format!("{} aggregator: the global trainable set has no tensors", self.method)));
         }
         let layout: Vec<(String, Vec<usize>)> = global.iter().map(|(n, t)| (n.clone(), t.dims().to_vec())).collect();
         let device = global.iter().next().map(|(_, t)| t.device().clone()).unwrap_or(Device::Cpu);
@@ -133,13 +131,13 @@ impl Aggregator for FedSbAggregator {
     fn finish(&mut self) -> Result<TensorSet> {
         let round = self.open()?;
         if round.count == 0 {
-            return Err(Error::Config("fedsb aggregator: finish with no update added this round".into()));
+            return Err(Error::Config(format!("{} aggregator: finish with no update added this round", self.method)));
         }
         let mut out = TensorSet::new();
         for ((name, shape), sum) in round.layout.iter().zip(&round.sums) {
             let mean: Vec<f32> = sum.iter().map(|s| (s / round.total_weight) as f32).collect();
             if mean.iter().any(|x| !x.is_finite()) {
-                return Err(Error::Numerics(format!("fedsb aggregator: non-finite mean in `{name}`")));
+                return Err(Error::Numerics(format!("{} aggregator: non-finite mean in `{name}`", self.method)));
             }
             out.insert(name.clone(), Tensor::from_vec(mean, shape.as_slice(), &round.device)?);
         }
@@ -189,7 +187,7 @@ mod tests {
     }
 
     fn aggregate(weighting: Weighting, global: &TensorSet, updates: &[(TensorSet, f64)]) -> TensorSet {
-        let mut agg = FedSbAggregator::new(weighting);
+        let mut agg = TensorMean::new("fedsb", weighting);
         agg.begin(global).unwrap();
         for (u, w) in updates {
             agg.add(u, *w).unwrap();
@@ -341,7 +339,7 @@ mod tests {
             ("inf weight", first.clone(), f64::INFINITY, &["weight", "inf"]),
         ];
         for (what, bad, w, needles) in cases {
-            let mut agg = FedSbAggregator::new(Weighting::NumExamples);
+            let mut agg = TensorMean::new("fedsb", Weighting::NumExamples);
             agg.begin(&global).unwrap();
             agg.add(&first, 2.0).unwrap();
             let msg = agg.validate(&bad, w).unwrap_err().to_string();
@@ -361,7 +359,7 @@ mod tests {
     fn uniform_still_validates_the_weight() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         let global = random_set(&mut rng);
-        let mut agg = FedSbAggregator::new(Weighting::Uniform);
+        let mut agg = TensorMean::new("fedsb", Weighting::Uniform);
         agg.begin(&global).unwrap();
         assert!(agg.add(&random_set(&mut rng), 0.0).is_err());
         assert_eq!(agg.count(), 0);
@@ -371,7 +369,7 @@ mod tests {
     fn finish_without_updates_is_an_error_and_keeps_the_round_open() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(6);
         let global = random_set(&mut rng);
-        let mut agg = FedSbAggregator::new(Weighting::Uniform);
+        let mut agg = TensorMean::new("fedsb", Weighting::Uniform);
         assert!(agg.finish().is_err(), "no round begun");
         assert!(agg.add(&global, 1.0).unwrap_err().to_string().contains("begin"));
         agg.begin(&global).unwrap();
@@ -391,7 +389,7 @@ mod tests {
     fn begin_resets() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let global = random_set(&mut rng);
-        let mut agg = FedSbAggregator::new(Weighting::NumExamples);
+        let mut agg = TensorMean::new("fedsb", Weighting::NumExamples);
         agg.begin(&global).unwrap();
         agg.add(&random_set(&mut rng), 3.0).unwrap();
         agg.add(&random_set(&mut rng), 4.0).unwrap();
