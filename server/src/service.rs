@@ -38,7 +38,7 @@ pub struct Service {
 
 /// The ingest budget: updates being read at once hold at most this many bytes (an update larger than the
 /// budget takes all of it).
-pub const INGEST_BUDGET_BYTES: u64 = 64 << 20;
+pub const INGEST_BUDGET_BYTES: u64 = 32 << 20;
 
 /// Longest pause between two chunks of an update being read (it holds part of the ingest budget).
 const CHUNK_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
