@@ -28,18 +28,9 @@ use fedsb_server::store::Store;
 use tonic::Code;
 use tonic::transport::Channel;
 
+/// The asset folder of scripts/fetch-assets.sh, or `None` (skipped) when missing and not required.
 fn assets() -> Option<PathBuf> {
-    let root = std::env::var_os("FEDSB_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/fedsb/assets"));
-    if root.join("models/all-minilm-l6-v2/model.safetensors").is_file() {
-        return Some(root);
-    }
-    if std::env::var("FEDSB_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
-        panic!("assets missing under {}; run scripts/fetch-assets.sh", root.display());
-    }
-    eprintln!("SKIPPED: assets missing under {}", root.display());
-    None
+    fedsb_tests::assets().map(|a| a.root)
 }
 
 fn base_config(model: &Path, init: &Path, state: &Path, clients: usize, rounds: u64) -> RunConfig {

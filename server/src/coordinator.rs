@@ -179,6 +179,20 @@ fn adapter_config(cfg: &RunConfig, task: TaskKind) -> Result<AdapterConfig> {
     Ok(a)
 }
 
+/// Records a new run of `spec` (status "running") whose init blob is `init_sha256`.
+fn create_run(store: &Store, spec: &ClientSpec, init_sha256: String) -> Result<RunRecord> {
+    let run = RunRecord {
+        run_id: spec.run_id.clone(),
+        spec_json: serde_json::to_string(spec)?,
+        init_sha256,
+        created_unix_ms: now_ms(),
+        status: "running".into(),
+        message: String::new(),
+    };
+    store.create_run(&run)?;
+    Ok(run)
+}
+
 /// Where a run starts: its init tensors, the frozen hash, the starting global (the round-0 one or, on resume,
 /// the last committed one) and the evaluator.
 struct RunStart {
@@ -288,15 +302,7 @@ impl Coordinator {
                 wire_dtype: cfg.wire_dtype,
                 seed: cfg.seed,
             };
-            let run = RunRecord {
-                run_id,
-                spec_json: serde_json::to_string(&spec)?,
-                init_sha256: init_sha,
-                created_unix_ms: now_ms(),
-                status: "running".into(),
-                message: String::new(),
-            };
-            store.create_run(&run)?;
+            let run = create_run(&store, &spec, init_sha)?;
             (run, init, 0, None)
         };
         let spec: ClientSpec = serde_json::from_str(&run.spec_json)?;
@@ -379,15 +385,7 @@ impl Coordinator {
             wire_dtype: cfg.wire_dtype,
             seed: cfg.seed,
         };
-        let run = RunRecord {
-            run_id,
-            spec_json: serde_json::to_string(&spec)?,
-            init_sha256,
-            created_unix_ms: now_ms(),
-            status: "running".into(),
-            message: String::new(),
-        };
-        store.create_run(&run)?;
+        let run = create_run(&store, &spec, init_sha256)?;
         let start = RunStart { init, frozen_sha256, global0, completed: 0, global_sha: None, evaluator: None };
         Self::assemble(cfg, opts, store, run, start)
     }
