@@ -28,10 +28,7 @@ impl Assets {
 
 /// The asset root: `$FEDSB_ASSETS`, else `$HOME/.cache/fedsb/assets`.
 pub fn assets_root() -> PathBuf {
-    match std::env::var_os("FEDSB_ASSETS") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/fedsb/assets"),
-    }
+    fedsb_common::assets::default_assets_dir()
 }
 
 /// The assets, or `None` (test skipped) when they are missing and not required.

@@ -51,10 +51,7 @@ pub struct BenchArgs {
 }
 
 fn assets_root(a: &BenchArgs) -> PathBuf {
-    a.assets
-        .clone()
-        .or_else(|| std::env::var_os("FEDSB_ASSETS").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/fedsb/assets"))
+    a.assets.clone().unwrap_or_else(fedsb_common::assets::default_assets_dir)
 }
 
 struct Shape {

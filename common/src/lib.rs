@@ -5,9 +5,11 @@
 //! - [`model`]: Llama and BERT models with adapter slots; loading from Hugging Face folders and GGUF.
 //! - [`adapter`]: LoRA-SB, LoRA and FFA-LoRA adapters; the LoRA-SB initialization; randomized SVD.
 //! - [`tensors`]: [`TensorSet`], named tensors as saved, hashed and sent.
+//! - [`assets`]: the asset folder of `scripts/fetch-assets.sh`.
 //! - [`benchstats`]: peak RSS and medians for the bench commands.
 pub mod adapter;
 pub mod aggregate;
+pub mod assets;
 pub mod benchstats;
 pub mod comm;
 pub mod error;

@@ -16,6 +16,7 @@ use fedsb_common::TensorSet;
 use fedsb_common::adapter::init::{InitConfig, lora_sb_init};
 use fedsb_common::adapter::{AdapterConfig, AdapterKind};
 use fedsb_common::aggregate::{Weighting, make_aggregator};
+use fedsb_common::comm::human_bytes;
 use fedsb_common::comm::ledger::{ByteLedger, Direction, LedgerEntry, Transfer};
 use fedsb_common::model::{LoadOptions, Model, TaskKind, load_model};
 use fedsb_common::spec::ClientSpec;
@@ -884,18 +885,6 @@ pub fn ledger_row(e: &LedgerEntry) -> LedgerRow {
         message_bytes: e.message_bytes,
         wire_bytes: e.wire_bytes,
         analytic_min_bytes: e.analytic_min_bytes,
-    }
-}
-
-/// `1234567` → `1.18 MiB`.
-pub fn human_bytes(b: u64) -> String {
-    let b = b as f64;
-    if b >= 1024.0 * 1024.0 {
-        format!("{:.2} MiB", b / 1024.0 / 1024.0)
-    } else if b >= 1024.0 {
-        format!("{:.2} KiB", b / 1024.0)
-    } else {
-        format!("{b:.0} B")
     }
 }
 

@@ -16,7 +16,8 @@ use fedsb_common::train::partition::{dirichlet_split, iid_split};
 
 use crate::certs::{make_dev_certs, write_dev_certs};
 use crate::config::RunConfig;
-use crate::coordinator::{Coordinator, ServeOptions, human_bytes};
+use crate::coordinator::{Coordinator, ServeOptions};
+use fedsb_common::comm::human_bytes;
 
 /// How the training data is split over the clients.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -361,11 +361,7 @@ fn run(a: RunArgs) -> Result<()> {
 fn local(a: LocalArgs) -> Result<()> {
     use fedsb_server::config::{AdapterSection, ClientsPerRound, EvalSection, InitSection, ModelSection, QuorumMiss};
     use fedsb_server::local::{LocalFederation, Split};
-    let assets = a
-        .assets
-        .clone()
-        .or_else(|| std::env::var_os("FEDSB_ASSETS").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/fedsb/assets"));
+    let assets = a.assets.clone().unwrap_or_else(fedsb_common::assets::default_assets_dir);
     let model = a.model.clone().unwrap_or_else(|| assets.join("models/all-minilm-l6-v2"));
     let train = a.train.clone().unwrap_or_else(|| assets.join("data/rotten-tomatoes/train.jsonl"));
     let eval = a.eval.clone().unwrap_or_else(|| assets.join("data/rotten-tomatoes/test.jsonl"));
@@ -540,8 +536,8 @@ fn bench_load(a: BenchLoadArgs) -> Result<()> {
 }
 
 fn plan(a: PlanArgs) -> Result<()> {
+    use fedsb_common::comm::human_bytes;
     use fedsb_common::comm::planner::{Method, ModelShape, Plan, PlanSpec};
-    use fedsb_server::coordinator::human_bytes;
     let shape = ModelShape::from_file(&a.model_config)?;
     let dtype: fedsb_common::wire::WireDtype = a.dtype.parse()?;
     let methods: Vec<Method> = if a.method == "all" { Method::ALL.to_vec() } else { vec![a.method.parse()?] };

@@ -256,7 +256,12 @@ impl ByteLedger {
     }
 }
 
-/// `bytes` in B (whole), KiB, MiB or GiB (2 decimals).
+/// `bytes` in B (whole), KiB, MiB or GiB (2 decimals), e.g. `1234567` → `1.18 MiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    fmt_bytes(bytes as f64)
+}
+
+/// [`human_bytes`] of a float count (per-client averages).
 fn fmt_bytes(bytes: f64) -> String {
     const KIB: f64 = 1024.0;
     if bytes < KIB {

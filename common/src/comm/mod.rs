@@ -6,4 +6,5 @@ pub mod planner;
 
 pub use ledger::{
     ByteLedger, Direction, LedgerEntry, RoundTotals, Transfer, analytic_min_bytes, bytes_per_value, fedsb_min_bytes,
+    human_bytes,
 };
