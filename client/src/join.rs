@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use fedsb_common::model::load::{model_weight_files, weights_sha256};
+use fedsb_common::aggregate::FLoraAggregator;
+use fedsb_common::aggregate::product::{base_chain_sha256, base_deltas};
 use fedsb_common::model::{LoadOptions, Model, load_model};
 use fedsb_common::spec::ClientSpec;
 use fedsb_common::train::{Dataset, Encoder, train};
@@ -309,6 +311,8 @@ async fn session(a: JoinArgs) -> Result<()> {
         message: String::new(),
         final_global_sha256: None,
     };
+    // FedEx-LoRA / FLoRA: the product blobs folded into this client's base weights so far, in round order.
+    let mut folded: Vec<String> = Vec::new();
     loop {
         let req = pb::GetTaskRequest { run_id: reply.run_id.clone(), wait_ms: 20_000 };
         let task = with_retry(&a, &mut rpc, "waiting for a task", |mut c| {
@@ -324,7 +328,13 @@ async fn session(a: JoinArgs) -> Result<()> {
             Some(pb::get_task_reply::Reply::Task(t)) => {
                 let global_ref = t.global.clone().ok_or_else(|| anyhow!("task without a global blob"))?;
                 let global = decode_blob(&fetch_blob(&a, &mut rpc, &global_ref).await?, &device)?;
-                model.load_trainable(&global)?;
+                fold_new_products(&a, &mut rpc, &mut model, &spec, &t, &global, &mut folded).await?;
+                if spec.method == "flora" {
+                    // FLoRA's adapters restart from their initial values every round; the global is the head.
+                    model.load_trainable(&FLoraAggregator::round_start(&init, &global))?;
+                } else {
+                    model.load_trainable(&global)?;
+                }
                 let cfg = spec.local.train_config(spec.seed, t.round);
                 let total = cfg.total_steps(local.len());
                 eprintln!("[{client_id}] round {}: training {total} steps on {} examples", t.round, local.len());
@@ -350,7 +360,7 @@ async fn session(a: JoinArgs) -> Result<()> {
                     steps: summary_t.steps as u32,
                     train_loss: summary_t.final_loss,
                     blob: Some(pb::BlobRef { sha256: blob.sha256.clone(), size: blob.bytes.len() as u64 }),
-                    frozen_sha256: frozen_sha256.clone(),
+                    frozen_sha256: base_chain_sha256(&frozen_sha256, &folded),
                 };
                 let bytes = prost::bytes::Bytes::from(blob.bytes);
                 let res = with_retry(&a, &mut rpc, "submitting the update", |mut c| {
@@ -387,7 +397,13 @@ async fn session(a: JoinArgs) -> Result<()> {
             Some(pb::get_task_reply::Reply::Finished(f)) => {
                 if let Some(g) = &f.global {
                     let global = decode_blob(&fetch_blob(&a, &mut rpc, g).await?, &device)?;
-                    model.load_trainable(&global)?;
+                    if spec.method == "flora" {
+                        model.load_trainable(&FLoraAggregator::round_start(&init, &global))?;
+                    } else {
+                        model.load_trainable(&global)?;
+                    }
+                    // FedEx-LoRA / FLoRA: the final model also holds the base folds (the coordinator's
+                    // rounds.product_sha256 blobs); this file is the adapter part only.
                     model.adapter_tensors()?.save(&a.work_dir.join("final_adapter.safetensors"))?;
                     summary.final_global_sha256 = Some(g.sha256.clone());
                 }
@@ -403,6 +419,47 @@ async fn session(a: JoinArgs) -> Result<()> {
             None => bail!("the coordinator sent an empty reply"),
         }
     }
+}
+
+/// FedEx-LoRA / FLoRA: folds into `model`'s base weights every product of `task.base_folds` not folded yet
+/// (all of them after a restart), checking that the ones already folded are the coordinator's.
+async fn fold_new_products(
+    a: &JoinArgs,
+    rpc: &mut Rpc,
+    model: &mut Model,
+    spec: &ClientSpec,
+    task: &pb::Task,
+    task_global: &fedsb_common::TensorSet,
+    folded: &mut Vec<String>,
+) -> Result<()> {
+    let refs = |f: &pb::BaseFold| -> Result<(pb::BlobRef, pb::BlobRef)> {
+        match (&f.product, &f.global) {
+            (Some(p), Some(g)) => Ok((p.clone(), g.clone())),
+            _ => bail!("round {}'s base fold lacks its product or global blob", f.round),
+        }
+    };
+    for (i, sha) in folded.iter().enumerate() {
+        match task.base_folds.get(i) {
+            Some(f) if f.product.as_ref().is_some_and(|p| &p.sha256 == sha) => {}
+            _ => bail!("the coordinator's base folds no longer start with the ones this client folded: rejoin"),
+        }
+    }
+    let device = model.device().clone();
+    for f in &task.base_folds[folded.len()..] {
+        let (p, g) = refs(f)?;
+        let product = decode_blob(&fetch_blob(a, rpc, &p).await?, &device)?;
+        let round_global = match spec.method.as_str() {
+            "fedex-lora" if task.global.as_ref().is_some_and(|t| t.sha256 == g.sha256) => Some(task_global.clone()),
+            "fedex-lora" => Some(decode_blob(&fetch_blob(a, rpc, &g).await?, &device)?),
+            _ => None,
+        };
+        let deltas = base_deltas(&product, round_global.as_ref(), spec.adapter.scale())
+            .with_context(|| format!("round {}'s product blob", f.round))?;
+        model.fold_into_base(&deltas).with_context(|| format!("folding round {}'s product", f.round))?;
+        tracing::info!("folded round {}'s product {}… into the base weights", f.round, &p.sha256[..12]);
+        folded.push(p.sha256);
+    }
+    Ok(())
 }
 
 fn write_summary(dir: &Path, s: &ClientSummary) -> Result<()> {

@@ -180,7 +180,7 @@ pub struct RunConfig {
     /// Seed of sampling, init and training.
     #[serde(default = "seed")]
     pub seed: u64,
-    /// Aggregation method: `fedsb`, `fedit` or `ffa-lora`.
+    /// Aggregation method: `fedsb`, `fedit`, `ffa-lora`, `fedex-lora` or `flora`.
     #[serde(default = "fedsb")]
     pub method: String,
     /// Weighting of client updates.

@@ -15,7 +15,8 @@ use candle_core::{Device, Tensor};
 use fedsb_common::TensorSet;
 use fedsb_common::adapter::init::{InitConfig, lora_sb_init};
 use fedsb_common::adapter::{AdapterConfig, AdapterKind};
-use fedsb_common::aggregate::{Weighting, make_aggregator};
+use fedsb_common::aggregate::product::{base_chain_sha256, base_deltas};
+use fedsb_common::aggregate::{FLoraAggregator, Weighting, folds_base, make_aggregator};
 use fedsb_common::comm::human_bytes;
 use fedsb_common::comm::ledger::{ByteLedger, Direction, LedgerEntry, Transfer};
 use fedsb_common::model::{LoadOptions, Model, TaskKind, load_model};
@@ -104,6 +105,17 @@ pub struct RoundMetrics {
     pub analytic_min_bytes: u64,
 }
 
+/// One round's fold into the clients' base weights (FedEx-LoRA, FLoRA).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseFold {
+    /// The round that produced it.
+    pub round: u64,
+    /// sha256 of the product blob.
+    pub product_sha256: String,
+    /// sha256 of that round's global blob.
+    pub global_sha256: String,
+}
+
 /// Settings of the transport around a run.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
@@ -146,6 +158,10 @@ pub struct Coordinator {
     init_ledger: Mutex<Vec<LedgerEntry>>,
     conns: Mutex<HashMap<String, Vec<Arc<Counters>>>>,
     evaluator: Option<Mutex<Evaluator>>,
+    /// FedEx-LoRA, FLoRA: the folds of the committed rounds, in round order.
+    folds: Mutex<Vec<BaseFold>>,
+    /// FLoRA: the adapter tensors its clients restart from every round (the init blob's `lora_A`/`lora_B`).
+    restart: TensorSet,
     analytic_min_bytes: u64,
     rounds: u64,
     metrics_path: PathBuf,
@@ -153,11 +169,12 @@ pub struct Coordinator {
     pub notify: Notify,
 }
 
-/// The adapter each method trains: LoRA-SB for Fed-SB, LoRA for FedIT, FFA-LoRA (A frozen) for FFA-LoRA.
+/// The adapter each method trains: LoRA-SB for Fed-SB, LoRA for FedIT, FedEx-LoRA and FLoRA, FFA-LoRA (A
+/// frozen) for FFA-LoRA.
 fn adapter_kind(method: &str) -> Result<AdapterKind> {
     Ok(match method {
         "fedsb" => AdapterKind::LoraSb,
-        "fedit" => AdapterKind::Lora,
+        "fedit" | "fedex-lora" | "flora" => AdapterKind::Lora,
         "ffa-lora" => AdapterKind::FfaLora,
         o => bail!(
             "method `{o}` is not supported by the coordinator yet (supported: {})",
@@ -198,6 +215,8 @@ fn create_run(store: &Store, spec: &ClientSpec, init_sha256: String) -> Result<R
 /// the last committed one) and the evaluator.
 struct RunStart {
     init: TensorSet,
+    /// Values of one client update (the analytic minimum per client and direction).
+    update_values: usize,
     frozen_sha256: String,
     global0: TensorSet,
     completed: u64,
@@ -309,8 +328,15 @@ impl Coordinator {
         let spec: ClientSpec = serde_json::from_str(&run.spec_json)?;
         model.attach_adapters(&spec.adapter, Some(&init))?;
         let frozen_sha256 = model.frozen_adapter_tensors()?.content_hash()?;
-        // The starting global: R0 and the seeded head (recomputed on resume: deterministic).
-        let global0 = model.trainable_tensors()?;
+        // The starting global: R0 and the seeded head (recomputed on resume: deterministic). FLoRA serves only
+        // the head: its adapters restart from the init blob every round.
+        let trainable = model.trainable_tensors()?;
+        let update_values = trainable.num_values();
+        let global0: TensorSet = if spec.method == "flora" {
+            trainable.iter().filter(|(n, _)| !n.contains(".lora_")).map(|(n, t)| (n.clone(), t.clone())).collect()
+        } else {
+            trainable
+        };
         let evaluator = match &cfg.eval {
             Some(e) => {
                 let mut ds = Dataset::load_jsonl(&e.data).context("the evaluation data")?;
@@ -332,7 +358,7 @@ impl Coordinator {
             opts,
             store,
             run,
-            RunStart { init, frozen_sha256, global0, completed, global_sha, evaluator },
+            RunStart { init, update_values, frozen_sha256, global0, completed, global_sha, evaluator },
         )
     }
 
@@ -387,14 +413,16 @@ impl Coordinator {
             seed: cfg.seed,
         };
         let run = create_run(&store, &spec, init_sha256)?;
-        let start = RunStart { init, frozen_sha256, global0, completed: 0, global_sha: None, evaluator: None };
+        let update_values = global0.num_values();
+        let start =
+            RunStart { init, update_values, frozen_sha256, global0, completed: 0, global_sha: None, evaluator: None };
         Self::assemble(cfg, opts, store, run, start)
     }
 
     /// The common tail of [`Coordinator::prepare`] and [`Coordinator::synthetic`]: the starting global, the
     /// round engine and the served blobs.
     fn assemble(cfg: &RunConfig, opts: ServeOptions, store: Store, run: RunRecord, start: RunStart) -> Result<Self> {
-        let RunStart { init, frozen_sha256, global0, completed, global_sha, evaluator } = start;
+        let RunStart { init, update_values, frozen_sha256, global0, completed, global_sha, evaluator } = start;
         let dev = Device::Cpu;
         let spec: ClientSpec = serde_json::from_str(&run.spec_json)?;
         let g0 = encode_blob(&global0, WireDtype::F32)?;
@@ -403,7 +431,7 @@ impl Coordinator {
             Some(sha) => (fedsb_common::wire::decode_blob(&store.get_blob(&sha)?, &dev)?, sha),
             None => (global0, g0_sha),
         };
-        let analytic_min_bytes = global.num_values() as u64 * spec.wire_dtype.bytes_per_value();
+        let analytic_min_bytes = update_values as u64 * spec.wire_dtype.bytes_per_value();
         let policy = RoundPolicy {
             rounds: cfg.rounds,
             clients_per_round: cfg.clients_per_round,
@@ -414,7 +442,12 @@ impl Coordinator {
             max_retries: cfg.max_retries,
             seed: cfg.seed,
         };
-        let aggregator = make_aggregator(&spec.method, cfg.weighting)?;
+        let aggregator = make_aggregator(&spec.method, cfg.weighting, &init)?;
+        let restart: TensorSet = init
+            .iter()
+            .filter(|(n, _)| n.ends_with(".lora_A.weight") || n.ends_with(".lora_B.weight"))
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
         let mut engine = RoundEngine::new(
             run.run_id.clone(),
             policy,
@@ -439,7 +472,38 @@ impl Coordinator {
             global_sha.clone(),
             ServedBlob { bytes: store.get_blob(&global_sha)?.into(), payload_bytes: global.num_values() as u64 * 4 },
         );
-        let max_update = cfg.max_update_bytes.unwrap_or(4 * (global.num_values() as u64 * 4) + (1 << 20));
+        // On resume, the folds of the committed rounds: served again (a restarted client folds them all) and
+        // replayed on the evaluator's model.
+        let mut folds = Vec::new();
+        if folds_base(&spec.method) {
+            let mut done: Vec<RoundRecord> =
+                store.rounds(&run.run_id)?.into_iter().filter(|r| r.status == "completed").collect();
+            done.sort_by_key(|r| r.round);
+            for r in done {
+                let (Some(p), Some(g)) = (r.product_sha256.clone(), r.global_sha256.clone()) else {
+                    bail!("--resume: completed round {} of a {} run has no product blob", r.round, spec.method);
+                };
+                let (pb, gb) = (store.get_blob(&p)?, store.get_blob(&g)?);
+                let (product, round_global) =
+                    (fedsb_common::wire::decode_blob(&pb, &dev)?, fedsb_common::wire::decode_blob(&gb, &dev)?);
+                if let Some(ev) = &evaluator {
+                    let mut ev = lock(ev);
+                    let fedex = spec.method == "fedex-lora";
+                    ev.model.fold_into_base(&base_deltas(
+                        &product,
+                        fedex.then_some(&round_global),
+                        spec.adapter.scale(),
+                    )?)?;
+                }
+                blobs.insert(p.clone(), ServedBlob { bytes: pb.into(), payload_bytes: product.num_values() as u64 * 4 });
+                blobs.insert(
+                    g.clone(),
+                    ServedBlob { bytes: gb.into(), payload_bytes: round_global.num_values() as u64 * 4 },
+                );
+                folds.push(BaseFold { round: r.round, product_sha256: p, global_sha256: g });
+            }
+        }
+        let max_update = cfg.max_update_bytes.unwrap_or(4 * (update_values as u64 * 4) + (1 << 20));
         Ok(Self {
             run_id: run.run_id.clone(),
             spec_json: run.spec_json.clone(),
@@ -454,6 +518,8 @@ impl Coordinator {
             init_ledger: Mutex::new(Vec::new()),
             conns: Mutex::new(HashMap::new()),
             evaluator,
+            folds: Mutex::new(folds),
+            restart,
             analytic_min_bytes,
             rounds: cfg.rounds,
             metrics_path: cfg.state_dir.join("metrics.jsonl"),
@@ -474,6 +540,24 @@ impl Coordinator {
     /// A blob being served, by sha256.
     pub fn blob(&self, sha256: &str) -> Option<ServedBlob> {
         lock(&self.blobs).get(sha256).cloned()
+    }
+
+    /// The base folds of the committed rounds (FedEx-LoRA, FLoRA; empty for the other methods).
+    pub fn base_folds(&self) -> Vec<BaseFold> {
+        lock(&self.folds).clone()
+    }
+
+    /// The hash an update's `frozen_sha256` must equal now: the frozen adapter tensors' hash, chained with the
+    /// product blobs folded so far ([`base_chain_sha256`]).
+    pub fn expected_frozen_sha256(&self) -> String {
+        let products: Vec<String> = lock(&self.folds).iter().map(|f| f.product_sha256.clone()).collect();
+        base_chain_sha256(&self.frozen_sha256, &products)
+    }
+
+    /// The trainable tensors a client starts a round from, given the served global (FLoRA adds the restart
+    /// adapter; the other methods serve the whole set).
+    fn round_start(&self, global: &TensorSet) -> TensorSet {
+        if self.spec.method == "flora" { FLoraAggregator::round_start(&self.restart, global) } else { global.clone() }
     }
 
     /// The analytic minimum bytes per client per direction of one round.
@@ -605,6 +689,7 @@ impl Coordinator {
                     lost: lost.clone(),
                     mean_train_loss: None,
                     eval_json: None,
+                    product_sha256: None,
                 };
                 if let Err(e) =
                     self.store().commit_round(&self.run_id, &rec, &ledger.iter().map(ledger_row).collect::<Vec<_>>())
@@ -696,10 +781,23 @@ impl Coordinator {
     fn persist_closed(self: &Arc<Self>, c: ClosedRound) -> Result<()> {
         let blob = encode_blob(&c.global, WireDtype::F32)?;
         let sha = self.store().put_blob(&blob.bytes)?;
+        let product = match &c.product {
+            Some(p) => {
+                let pb = encode_blob(p, WireDtype::F32)?;
+                let psha = self.store().put_blob(&pb.bytes)?;
+                Some((psha, pb))
+            }
+            None => None,
+        };
         let eval = match &self.evaluator {
             Some(ev) => {
-                let ev = lock(ev);
-                ev.model.load_trainable(&c.global)?;
+                let mut ev = lock(ev);
+                if let Some(p) = &c.product {
+                    let fedex = self.spec.method == "fedex-lora";
+                    let deltas = base_deltas(p, fedex.then_some(&c.global), self.spec.adapter.scale())?;
+                    ev.model.fold_into_base(&deltas)?;
+                }
+                ev.model.load_trainable(&self.round_start(&c.global))?;
                 Some(evaluate(&ev.model, &ev.data, ev.batch_size, ev.pad)?)
             }
             None => None,
@@ -723,10 +821,16 @@ impl Coordinator {
             lost: c.lost.clone(),
             mean_train_loss: mean_loss,
             eval_json: eval.as_ref().map(serde_json::to_string).transpose()?,
+            product_sha256: product.as_ref().map(|(p, _)| p.clone()),
         };
         self.store().commit_round(&self.run_id, &rec, &ledger.iter().map(ledger_row).collect::<Vec<_>>())?;
         lock(&self.blobs)
             .insert(sha.clone(), ServedBlob { bytes: blob.bytes.into(), payload_bytes: blob.payload_bytes });
+        if let Some((psha, pb)) = product {
+            lock(&self.blobs)
+                .insert(psha.clone(), ServedBlob { bytes: pb.bytes.into(), payload_bytes: pb.payload_bytes });
+            lock(&self.folds).push(BaseFold { round: c.round, product_sha256: psha, global_sha256: sha.clone() });
+        }
         let sum = |dir: Direction, f: &dyn Fn(&LedgerEntry) -> u64| -> u64 {
             ledger.iter().filter(|e| e.direction == dir).map(f).sum()
         };

@@ -173,6 +173,8 @@ pub struct ClosedRound {
     pub attempt: u32,
     /// The new global tensors.
     pub global: TensorSet,
+    /// FedEx-LoRA, FLoRA: the product every client folds into its base weights.
+    pub product: Option<TensorSet>,
     /// Sampled clients.
     pub sampled: Vec<String>,
     /// Clients whose update was aggregated, with their bookkeeping.
@@ -446,7 +448,7 @@ impl RoundEngine {
         let Phase::Open(o) = std::mem::replace(&mut self.phase, Phase::Waiting) else {
             unreachable!("close is called on an open round")
         };
-        let global = match self.aggregator.finish() {
+        let agg = match self.aggregator.finish() {
             Ok(g) => g,
             Err(e) => {
                 self.phase = Phase::Open(o);
@@ -458,7 +460,8 @@ impl RoundEngine {
         Ok(Event::Closed(Box::new(ClosedRound {
             round: o.round,
             attempt: o.attempt,
-            global,
+            global: agg.global,
+            product: agg.product,
             sampled: o.sampled.into_iter().collect(),
             contributed: o.received.into_iter().collect(),
             lost,
@@ -563,7 +566,7 @@ mod tests {
         RoundEngine::new(
             "run",
             policy,
-            make_aggregator("fedsb", Weighting::Uniform).unwrap(),
+            make_aggregator("fedsb", Weighting::Uniform, &TensorSet::new()).unwrap(),
             false,
             global(),
             "g0".into(),
@@ -680,7 +683,7 @@ mod tests {
             let mut e = RoundEngine::new(
                 "run",
                 policy,
-                make_aggregator("fedsb", Weighting::Uniform).unwrap(),
+                make_aggregator("fedsb", Weighting::Uniform, &TensorSet::new()).unwrap(),
                 false,
                 global(),
                 "g".into(),

@@ -156,6 +156,16 @@ impl CoordinatorRpc for Service {
                     task_id: t.task_id,
                     global: self.c.blob(&t.global_sha256).map(|b| blob_ref(&t.global_sha256, b.bytes.len())),
                     deadline_unix_ms: t.deadline_ms,
+                    base_folds: self
+                        .c
+                        .base_folds()
+                        .into_iter()
+                        .map(|f| pb::BaseFold {
+                            round: f.round,
+                            product: self.c.blob(&f.product_sha256).map(|b| blob_ref(&f.product_sha256, b.bytes.len())),
+                            global: self.c.blob(&f.global_sha256).map(|b| blob_ref(&f.global_sha256, b.bytes.len())),
+                        })
+                        .collect(),
                 }),
                 Poll::Finished(o) => pb::get_task_reply::Reply::Finished(pb::Finished {
                     status: o.status,
@@ -248,11 +258,12 @@ impl CoordinatorRpc for Service {
                 blob.size, self.c.opts.max_update_bytes
             )));
         }
-        if h.frozen_sha256 != self.c.frozen_sha256 {
+        let expected = self.c.expected_frozen_sha256();
+        if h.frozen_sha256 != expected {
             return Err(Status::failed_precondition(format!(
-                "the update was trained with frozen adapter tensors (B, A) of sha256 {}, the run's are {}: \
-                 the client must use the run's init blob",
-                h.frozen_sha256, self.c.frozen_sha256
+                "the update was trained with frozen adapter tensors (B, A) and base folds of sha256 {}, the run's \
+                 are {expected}: the client must use the run's init blob and fold every round's product",
+                h.frozen_sha256
             )));
         }
         let share = (blob.size.div_ceil(1024)).clamp(1, INGEST_BUDGET_BYTES >> 10) as u32;

@@ -24,7 +24,9 @@
 //!     status TEXT NOT NULL CHECK (status IN ('completed', 'failed')), global_sha256 TEXT,
 //!     opened_unix_ms INTEGER NOT NULL, closed_unix_ms INTEGER NOT NULL,
 //!     sampled_json TEXT NOT NULL, contributed_json TEXT NOT NULL, lost_json TEXT NOT NULL,  -- JSON arrays of ids
-//!     mean_train_loss REAL, eval_json TEXT, PRIMARY KEY (run_id, round, attempt));
+//!     mean_train_loss REAL, eval_json TEXT,
+//!     product_sha256 TEXT,                 -- FedEx-LoRA / FLoRA: the product blob folded into base weights (v2)
+//!     PRIMARY KEY (run_id, round, attempt));
 //! CREATE TABLE ledger (
 //!     id INTEGER PRIMARY KEY, run_id TEXT NOT NULL REFERENCES runs(run_id), round INTEGER NOT NULL,
 //!     attempt INTEGER,                     -- the round attempt (commit_round); NULL for rows from add_ledger
@@ -74,7 +76,10 @@ use fedsb_common::wire::{is_sha256_hex, sha256_hex};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
 /// The schema version this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// From version 1 to 2: the product blob of FedEx-LoRA / FLoRA rounds.
+const MIGRATE_V2: &str = "ALTER TABLE rounds ADD COLUMN product_sha256 TEXT;";
 
 /// File name of the SQLite database inside the store directory.
 const DB_FILE: &str = "state.sqlite";
@@ -240,6 +245,9 @@ pub struct RoundRecord {
     pub mean_train_loss: Option<f64>,
     /// The coordinator's evaluation of the new global, as JSON.
     pub eval_json: Option<String>,
+    /// FedEx-LoRA, FLoRA: the product blob clients fold into their base weights (written before the commit,
+    /// like the global).
+    pub product_sha256: Option<String>,
 }
 
 /// One row of the byte ledger; mirrors fedsb_common::comm::ledger::LedgerEntry but is defined here (plain
@@ -319,10 +327,11 @@ fn remove_stale_tmp(blob_dir: &Path) -> Result<(), StoreError> {
 }
 
 /// Raw values of a `rounds` row, decoded into a [`RoundRecord`] outside the row closure.
-type RoundRow = (u64, u32, String, Option<String>, u64, u64, String, String, String, Option<f64>, Option<String>);
+type RoundRow =
+    (u64, u32, String, Option<String>, u64, u64, String, String, String, Option<f64>, Option<String>, Option<String>);
 
 const ROUND_COLUMNS: &str = "round, attempt, status, global_sha256, opened_unix_ms, closed_unix_ms, sampled_json, \
-                             contributed_json, lost_json, mean_train_loss, eval_json";
+                             contributed_json, lost_json, mean_train_loss, eval_json, product_sha256";
 
 fn read_round_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RoundRow> {
     Ok((
@@ -337,11 +346,12 @@ fn read_round_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RoundRow> {
         row.get(8)?,
         row.get(9)?,
         row.get(10)?,
+        row.get(11)?,
     ))
 }
 
 fn decode_round(raw: RoundRow) -> Result<RoundRecord, StoreError> {
-    let (round, attempt, status, global_sha256, opened, closed, sampled, contributed, lost, loss, eval) = raw;
+    let (round, attempt, status, global_sha256, opened, closed, sampled, contributed, lost, loss, eval, product) = raw;
     let list = |name: &str, json: &str| -> Result<Vec<String>, StoreError> {
         serde_json::from_str(json).map_err(|e| {
             StoreError::Invalid(format!("round {round} attempt {attempt}: column {name} is not a JSON list: {e}"))
@@ -359,6 +369,7 @@ fn decode_round(raw: RoundRow) -> Result<RoundRecord, StoreError> {
         lost: list("lost_json", &lost)?,
         mean_train_loss: loss,
         eval_json: eval,
+        product_sha256: product,
     })
 }
 
@@ -436,7 +447,12 @@ impl Store {
         match versions.as_slice() {
             [] => {
                 tx.execute_batch(SCHEMA_V1)?;
+                tx.execute_batch(MIGRATE_V2)?;
                 tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [SCHEMA_VERSION])?;
+            }
+            [1] => {
+                tx.execute_batch(MIGRATE_V2)?;
+                tx.execute("UPDATE schema_version SET version = ?1", [SCHEMA_VERSION])?;
             }
             [v] if *v == SCHEMA_VERSION => {}
             [v] if *v > SCHEMA_VERSION => {
@@ -604,11 +620,11 @@ impl Store {
                 r.round, r.attempt
             )));
         }
-        if let Some(hash) = &r.global_sha256 {
+        for hash in r.global_sha256.iter().chain(&r.product_sha256) {
             let path = self.blob_path(hash)?;
             if !path.is_file() {
                 return Err(StoreError::NotFound(format!(
-                    "global blob {} of round {} (write it with put_blob before commit_round)",
+                    "blob {} of round {} (write it with put_blob before commit_round)",
                     path.display(),
                     r.round
                 )));
@@ -628,7 +644,9 @@ impl Store {
         let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
         require_run(&tx, run_id)?;
         tx.execute(
-            &format!("INSERT INTO rounds (run_id, {ROUND_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+            &format!(
+                "INSERT INTO rounds (run_id, {ROUND_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+            ),
             params![
                 run_id,
                 r.round,
@@ -641,7 +659,8 @@ impl Store {
                 contributed,
                 lost,
                 r.mean_train_loss,
-                r.eval_json
+                r.eval_json,
+                r.product_sha256
             ],
         )?;
         insert_ledger(&tx, run_id, Some(r.attempt), ledger)?;
@@ -736,6 +755,7 @@ mod tests {
             lost: vec!["carol".into()],
             mean_train_loss: Some(0.25 + round as f64),
             eval_json: Some(r#"{"accuracy":0.9}"#.into()),
+            product_sha256: None,
         }
     }
 
@@ -1009,6 +1029,33 @@ mod tests {
         assert!(matches!(store.commit_round("r", &ok, &ledger), Err(StoreError::Sqlite(_))));
         assert_eq!(store.rounds("r").unwrap(), vec![ok]);
         assert_eq!(store.ledger("r").unwrap(), ledger.to_vec());
+    }
+
+    #[test]
+    fn a_version_1_database_is_migrated_and_keeps_its_rounds() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.execute_batch("CREATE TABLE schema_version (version INTEGER NOT NULL);").unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.execute("INSERT INTO schema_version (version) VALUES (1)", []).unwrap();
+            conn.execute(
+                "INSERT INTO runs VALUES ('r', '{}', ?1, 1, 'running', '')",
+                [&"a".repeat(64)],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO rounds (run_id, round, attempt, status, global_sha256, opened_unix_ms, closed_unix_ms, \
+                 sampled_json, contributed_json, lost_json) VALUES ('r', 1, 0, 'failed', NULL, 1, 2, '[]', '[]', '[]')",
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let rounds = store.rounds("r").unwrap();
+        assert_eq!((rounds.len(), rounds[0].product_sha256.clone()), (1, None));
+        let v: i64 = store.conn.query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
     }
 
     #[test]

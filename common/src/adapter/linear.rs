@@ -285,6 +285,22 @@ impl AdaptedLinear {
         Ok(())
     }
 
+    /// Adds `delta` (`d_out × d_in`, finite) to the frozen base weight: how FedEx-LoRA's residual and FLoRA's
+    /// merged product reach a client's model. Refused (nothing changes) while `W0` tracks a gradient.
+    pub fn add_to_base(&mut self, delta: &Tensor) -> Result<()> {
+        let name = format!("{}.weight", self.name);
+        if delta.dims() != self.w0.dims() {
+            return Err(Error::tensor(name, format!("base delta {:?}, expected {:?}", delta.dims(), self.w0.dims())));
+        }
+        if self.weight_var.is_some() {
+            return Err(Error::tensor(name, "cannot change W0 while its gradient is tracked"));
+        }
+        check_finite(&name, delta)?;
+        let d = delta.to_device(self.w0.device())?.to_dtype(self.w0.dtype())?;
+        self.w0 = (&self.w0 + d)?;
+        Ok(())
+    }
+
     /// `W0 + ΔW` (just `W0` without an adapter).
     pub fn merged_weight(&self) -> Result<Tensor> {
         match self.delta_weight()? {

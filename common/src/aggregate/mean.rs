@@ -2,7 +2,7 @@
 //! with (`methods.rs` says which tensors each method averages and why the mean is or is not exact).
 use candle_core::{DType, Device, Tensor};
 
-use super::{Aggregator, Weighting};
+use super::{Aggregate, Aggregator, Weighting};
 use crate::{Error, Result, TensorSet};
 
 /// The weighted mean `Σ wᵢ·Xᵢ / Σ wᵢ` of every tensor of the global trainable set, with `wᵢ = 1` under
@@ -42,6 +42,14 @@ impl TensorMean {
         self.weighting
     }
 
+    /// The weight an update given `weight` counts with (1 under [`Weighting::Uniform`]).
+    pub fn effective_weight(&self, weight: f64) -> f64 {
+        match self.weighting {
+            Weighting::Uniform => 1.0,
+            Weighting::NumExamples => weight,
+        }
+    }
+
     fn open(&self) -> Result<&RoundState> {
         self.round
             .as_ref()
@@ -79,10 +87,7 @@ impl TensorMean {
             }
             values.push(v);
         }
-        let w = match self.weighting {
-            Weighting::Uniform => 1.0,
-            Weighting::NumExamples => weight,
-        };
+        let w = self.effective_weight(weight);
         if !(round.total_weight + w).is_finite() {
             return Err(Error::Numerics(format!("total weight overflows after adding weight {weight}")));
         }
@@ -128,7 +133,14 @@ impl Aggregator for TensorMean {
     }
 
     /// The weighted means. With no update added this is an error and the round stays open.
-    fn finish(&mut self) -> Result<TensorSet> {
+    fn finish(&mut self) -> Result<Aggregate> {
+        Ok(Aggregate { global: self.finish_mean()?, product: None })
+    }
+}
+
+impl TensorMean {
+    /// The weighted means (f32), or an error when no update was added. Resets for the next `begin`.
+    pub fn finish_mean(&mut self) -> Result<TensorSet> {
         let round = self.open()?;
         if round.count == 0 {
             return Err(Error::Config(format!("{} aggregator: finish with no update added this round", self.method)));
@@ -193,7 +205,7 @@ mod tests {
             agg.add(u, *w).unwrap();
         }
         assert_eq!(agg.count(), updates.len());
-        agg.finish().unwrap()
+        agg.finish_mean().unwrap()
     }
 
     /// The weighted mean computed independently: per tensor, a loop over the updates in f64.
@@ -350,7 +362,7 @@ mod tests {
             }
             assert_eq!(agg.count(), 1, "{what}: count unchanged");
             agg.add(&last, 5.0).unwrap();
-            let got = agg.finish().unwrap();
+            let got = agg.finish_mean().unwrap();
             assert_eq!(got.content_hash().unwrap(), expected.content_hash().unwrap(), "{what}: aggregate unchanged");
         }
     }
@@ -370,17 +382,17 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(6);
         let global = random_set(&mut rng);
         let mut agg = TensorMean::new("fedsb", Weighting::Uniform);
-        assert!(agg.finish().is_err(), "no round begun");
+        assert!(agg.finish_mean().is_err(), "no round begun");
         assert!(agg.add(&global, 1.0).unwrap_err().to_string().contains("begin"));
         agg.begin(&global).unwrap();
-        let msg = agg.finish().unwrap_err().to_string();
+        let msg = agg.finish_mean().unwrap_err().to_string();
         assert!(msg.contains("no update"), "{msg}");
         let u = random_set(&mut rng);
         agg.add(&u, 1.0).unwrap();
-        assert_close(&agg.finish().unwrap(), &u, 0.0);
+        assert_close(&agg.finish_mean().unwrap(), &u, 0.0);
         // finish reset the state: no round is open any more.
         assert_eq!(agg.count(), 0);
-        assert!(agg.finish().is_err());
+        assert!(agg.finish_mean().is_err());
         assert!(agg.add(&u, 1.0).is_err());
         assert!(agg.begin(&TensorSet::new()).is_err(), "an empty global set is rejected");
     }
@@ -404,7 +416,7 @@ mod tests {
         let mut u = TensorSet::new();
         u.insert("head.bias", Tensor::new(&[1f32, -2., 0.25], &Device::Cpu).unwrap());
         agg.add(&u, 9.0).unwrap();
-        let got = agg.finish().unwrap();
+        let got = agg.finish_mean().unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(values(got.get("head.bias").unwrap()), vec![1.0, -2.0, 0.25]);
 
@@ -412,6 +424,6 @@ mod tests {
         agg.begin(&global).unwrap();
         let u = random_set(&mut rng);
         agg.add(&u, 1.0).unwrap();
-        assert_close(&agg.finish().unwrap(), &u, 0.0);
+        assert_close(&agg.finish_mean().unwrap(), &u, 0.0);
     }
 }

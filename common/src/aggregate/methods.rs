@@ -1,8 +1,11 @@
 //! The aggregation methods: which trainable tensors each federated LoRA method averages, and whether the
-//! average of the factors is the average of the clients' weight updates (method.md §4). All three average
-//! with [`TensorMean`]; the head of a classifier, linear in its own parameters, is averaged exactly by all.
+//! average of the factors is the average of the clients' weight updates (method.md §4). All average with
+//! [`TensorMean`]; FedEx-LoRA and FLoRA also accumulate the mean of the clients' products `Bᵢ·Aᵢ`
+//! ([`ProductMean`]) that clients fold into their base weights. The head of a classifier, linear in its own
+//! parameters, is averaged exactly by all.
 use super::mean::TensorMean;
-use super::{Aggregator, Weighting};
+use super::product::ProductMean;
+use super::{Aggregate, Aggregator, Weighting};
 use crate::{Error, Result, TensorSet};
 
 /// Checks that the global trainable set holds only the adapter tensors `allowed` (name suffixes) and head
@@ -36,7 +39,7 @@ macro_rules! delegate_to_mean {
         fn count(&self) -> usize {
             self.0.count()
         }
-        fn finish(&mut self) -> Result<TensorSet> {
+        fn finish(&mut self) -> Result<Aggregate> {
             self.0.finish()
         }
     };
@@ -117,6 +120,135 @@ impl Aggregator for FfaLoraAggregator {
     delegate_to_mean!();
 }
 
+/// FedEx-LoRA (arXiv 2410.09432): FedIT's means `Ā`, `B̄` as the new global, plus the product
+/// `M = mean(Bᵢ·Aᵢ)`; every client folds the residual `s·(M − B̄·Ā)` into its frozen base weights.
+///
+/// **Exact.** `W0 + s·(M − B̄Ā) + s·B̄Ā = W0 + s·mean(BᵢAᵢ)`: the global model is the mean of the clients'.
+/// The product travels as stacked factors or dense, whichever is smaller ([`super::product`]).
+#[derive(Debug)]
+pub struct FedExLoraAggregator {
+    mean: TensorMean,
+    product: Option<ProductMean>,
+}
+
+impl FedExLoraAggregator {
+    /// An aggregator with no open round.
+    pub fn new(weighting: Weighting) -> Self {
+        Self { mean: TensorMean::new("fedex-lora", weighting), product: None }
+    }
+}
+
+/// `add` for the product methods: validate against the mean's layout, then add to both accumulators.
+fn add_with_product(mean: &mut TensorMean, product: &mut Option<ProductMean>, u: &TensorSet, w: f64) -> Result<()> {
+    let p = product.as_mut().ok_or_else(|| Error::Config("no round begun (call begin first)".into()))?;
+    mean.validate(u, w)?;
+    p.add(u, mean.effective_weight(w))?;
+    mean.add(u, w)
+}
+
+impl Aggregator for FedExLoraAggregator {
+    fn name(&self) -> &'static str {
+        "fedex-lora"
+    }
+    fn begin(&mut self, global: &TensorSet) -> Result<()> {
+        check_layout("fedex-lora", global, &[".lora_A.weight", ".lora_B.weight"])?;
+        let product = ProductMean::new(global)?;
+        self.mean.begin(global)?;
+        self.product = Some(product);
+        Ok(())
+    }
+    fn validate(&self, update: &TensorSet, weight: f64) -> Result<()> {
+        self.mean.validate(update, weight)
+    }
+    fn add(&mut self, update: &TensorSet, weight: f64) -> Result<()> {
+        add_with_product(&mut self.mean, &mut self.product, update, weight)
+    }
+    fn count(&self) -> usize {
+        self.mean.count()
+    }
+    fn finish(&mut self) -> Result<Aggregate> {
+        let product = self.product.as_ref().map(ProductMean::finish).transpose()?;
+        let global = self.mean.finish_mean()?;
+        self.product = None;
+        Ok(Aggregate { global, product })
+    }
+}
+
+/// FLoRA (arXiv 2409.05976): the clients' factors stacked — `[p₁B₁ … p_cB_c]·[A₁; …; A_c] = Σ pᵢ·Bᵢ·Aᵢ` —
+/// and merged into every client's base weights (`s·M`); the adapters restart from their initial values
+/// (the init blob's `A`, `B = 0`) each round, so the global holds only the averaged head, if any.
+///
+/// **Exact.** The merged model is `W0 + s·Σ pᵢ·BᵢAᵢ`, the weighted mean of the clients' models.
+#[derive(Debug)]
+pub struct FLoraAggregator {
+    mean: TensorMean,
+    product: Option<ProductMean>,
+    restart: TensorSet,
+}
+
+impl FLoraAggregator {
+    /// An aggregator with no open round; `restart` holds the initial `lora_A`/`lora_B` of every adapted layer
+    /// (other tensors in it are ignored).
+    pub fn new(weighting: Weighting, restart: &TensorSet) -> Result<Self> {
+        let restart: TensorSet = restart
+            .iter()
+            .filter(|(n, _)| n.ends_with(".lora_A.weight") || n.ends_with(".lora_B.weight"))
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
+        ProductMean::new(&restart)?;
+        Ok(Self { mean: TensorMean::new("flora", weighting), product: None, restart })
+    }
+
+    /// What clients train from in a round whose served global is `global` (the head): the restart adapter plus
+    /// the global.
+    pub fn round_start(restart: &TensorSet, global: &TensorSet) -> TensorSet {
+        let mut s: TensorSet = restart
+            .iter()
+            .filter(|(n, _)| n.ends_with(".lora_A.weight") || n.ends_with(".lora_B.weight"))
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
+        for (n, t) in global.iter() {
+            s.insert(n.clone(), t.clone());
+        }
+        s
+    }
+}
+
+impl Aggregator for FLoraAggregator {
+    fn name(&self) -> &'static str {
+        "flora"
+    }
+    fn begin(&mut self, global: &TensorSet) -> Result<()> {
+        if let Some(n) = global.names().find(|n| n.contains(".lora_")) {
+            return Err(Error::Config(format!(
+                "flora: the served global holds only the head (adapters restart each round), not `{n}`"
+            )));
+        }
+        let layout = Self::round_start(&self.restart, global);
+        let product = ProductMean::new(&layout)?;
+        self.mean.begin(&layout)?;
+        self.product = Some(product);
+        Ok(())
+    }
+    fn validate(&self, update: &TensorSet, weight: f64) -> Result<()> {
+        self.mean.validate(update, weight)
+    }
+    fn add(&mut self, update: &TensorSet, weight: f64) -> Result<()> {
+        add_with_product(&mut self.mean, &mut self.product, update, weight)
+    }
+    fn count(&self) -> usize {
+        self.mean.count()
+    }
+    fn finish(&mut self) -> Result<Aggregate> {
+        let product = self.product.as_ref().map(ProductMean::finish).transpose()?;
+        let mean = self.mean.finish_mean()?;
+        self.product = None;
+        // The averaged factors are not used: the adapters restart; only the head carries over.
+        let global = mean.iter().filter(|(n, _)| !n.contains(".lora_")).map(|(n, t)| (n.clone(), t.clone())).collect();
+        Ok(Aggregate { global, product })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,7 +277,7 @@ mod tests {
         for u in updates {
             agg.add(u, 1.0).unwrap();
         }
-        agg.finish().unwrap()
+        agg.finish().unwrap().global
     }
 
     /// max |X − Y| / max |Y|.
@@ -193,6 +325,74 @@ mod tests {
         assert!(rel_diff(&b_bar.matmul(&a_shared).unwrap(), &mean_of_products(&bs, &shared)) < 1e-5);
     }
 
+    /// Property: after FedEx-LoRA's or FLoRA's fold, the global model `W0 + fold + s·(global adapter)` equals
+    /// the (weighted) mean of the clients' models `W0 + s·BᵢAᵢ`, with the product in factor and dense form.
+    #[test]
+    fn fedex_lora_and_flora_give_the_mean_of_the_client_models() {
+        use crate::aggregate::product::base_deltas;
+        let scale = 2.0;
+        for (seed, (d, r, k, c)) in [(21u64, (24, 2, 16, 3)), (22, (6, 3, 5, 4)), (23, (40, 4, 8, 2))] {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let w0 = randn(&mut rng, &[d, k]);
+            let clients: Vec<(Tensor, Tensor)> =
+                (0..c).map(|_| (randn(&mut rng, &[d, r]), randn(&mut rng, &[r, k]))).collect();
+            let weights: Vec<f64> = (1..=c).map(|i| i as f64).collect();
+            let total: f64 = weights.iter().sum();
+            let mut want = w0.clone();
+            for ((b, a), w) in clients.iter().zip(&weights) {
+                want = (want + (b.matmul(a).unwrap() * (scale * w / total)).unwrap()).unwrap();
+            }
+            let updates: Vec<TensorSet> =
+                clients.iter().map(|(b, a)| set(&[("lora_A.weight", a), ("lora_B.weight", b)])).collect();
+            let apply = |agg: &mut dyn Aggregator, start: &TensorSet, restart: Option<&TensorSet>| {
+                agg.begin(start).unwrap();
+                for (u, w) in updates.iter().zip(&weights) {
+                    agg.add(u, *w).unwrap();
+                }
+                let out = agg.finish().unwrap();
+                let product = out.product.expect("a product");
+                let fedex = restart.is_none();
+                let deltas = base_deltas(&product, fedex.then_some(&out.global), scale).unwrap();
+                assert_eq!(deltas.len(), 1);
+                let adapter = if fedex { out.global } else { restart.unwrap().clone() };
+                let ba = adapter
+                    .require(&format!("{L}.lora_B.weight"))
+                    .unwrap()
+                    .matmul(adapter.require(&format!("{L}.lora_A.weight")).unwrap())
+                    .unwrap();
+                let got = ((&w0 + &deltas[0].1).unwrap() + (ba * scale).unwrap()).unwrap();
+                rel_diff(&got, &want)
+            };
+            let e = apply(&mut FedExLoraAggregator::new(Weighting::NumExamples), &updates[0], None);
+            assert!(e < 1e-5, "FedEx-LoRA is exact ({d}×{k}, r {r}, {c} clients): {e}");
+            let restart = set(&[
+                ("lora_A.weight", &randn(&mut rng, &[r, k])),
+                ("lora_B.weight", &Tensor::zeros((d, r), candle_core::DType::F32, &Device::Cpu).unwrap()),
+            ]);
+            let mut flora = FLoraAggregator::new(Weighting::NumExamples, &restart).unwrap();
+            let e = apply(&mut flora, &TensorSet::new(), Some(&restart));
+            assert!(e < 1e-5, "FLoRA is exact ({d}×{k}, r {r}, {c} clients): {e}");
+        }
+    }
+
+    #[test]
+    fn flora_serves_only_the_head_and_checks_updates_against_the_restart_adapter() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let (a, b) = (randn(&mut rng, &[2, 3]), randn(&mut rng, &[4, 2]));
+        let head = randn(&mut rng, &[2, 4]);
+        let restart = set(&[("lora_A.weight", &a), ("lora_B.weight", &b)]);
+        let global: TensorSet = [("classifier.weight".to_string(), head.clone())].into_iter().collect();
+        let mut agg = FLoraAggregator::new(Weighting::Uniform, &restart).unwrap();
+        assert!(agg.begin(&restart).is_err(), "the served global must not hold adapters");
+        agg.begin(&global).unwrap();
+        assert!(agg.add(&global, 1.0).is_err(), "an update without the adapter");
+        let full = FLoraAggregator::round_start(&restart, &global);
+        agg.add(&full, 1.0).unwrap();
+        let out = agg.finish().unwrap();
+        assert_eq!(out.global.names().cloned().collect::<Vec<_>>(), vec!["classifier.weight".to_string()]);
+        assert!(out.product.is_some());
+    }
+
     #[test]
     fn each_method_refuses_a_trainable_set_of_another_method() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
@@ -203,6 +403,9 @@ mod tests {
         assert!(FfaLoraAggregator::new(Weighting::Uniform).begin(&lora).is_err());
         assert!(FedItAggregator::new(Weighting::Uniform).begin(&sb).is_err());
         assert!(FedSbAggregator::new(Weighting::Uniform).begin(&sb).is_ok());
+        assert!(FedExLoraAggregator::new(Weighting::Uniform).begin(&sb).is_err());
+        assert!(FedExLoraAggregator::new(Weighting::Uniform).begin(&lora).is_ok());
+        assert!(FLoraAggregator::new(Weighting::Uniform, &sb).is_err());
         let head_only: TensorSet = [("classifier.weight".to_string(), a.clone())].into_iter().collect();
         assert!(FedSbAggregator::new(Weighting::Uniform).begin(&head_only).is_err());
     }

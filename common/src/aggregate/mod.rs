@@ -3,24 +3,43 @@
 //! In: the round's global trainable tensors (a [`TensorSet`]: for Fed-SB every `…lora_R.weight` plus the
 //! classifier head, if any) passed to [`Aggregator::begin`], then one update per client (a [`TensorSet`] with
 //! exactly the same names and shapes, f32/bf16/f16) and its weight, passed to [`Aggregator::add`] as the
-//! updates arrive. Out: the new global tensors (f32) from [`Aggregator::finish`].
+//! updates arrive. Out: an [`Aggregate`] from [`Aggregator::finish`]: the new global tensors (f32) and, for
+//! FedEx-LoRA and FLoRA, the round's product blob that every client folds into its frozen base weights
+//! (`product.rs`).
 //!
-//! **Invariant:** aggregation is streaming. An aggregator keeps a running state whose size is O(adapter)
-//! (for a mean, one f64 sum per value plus the total weight), never a list of client updates, so memory
-//! does not grow with the number of clients. A rejected update changes nothing.
+//! **Invariant:** aggregation is streaming. An aggregator keeps a running state whose size does not grow
+//! with the number of clients: O(adapter) for a mean (one f64 sum per value plus the total weight), and
+//! O(min(c·r(d+k), d·k)) per layer for the products of FedEx-LoRA and FLoRA (stacked factors while smaller
+//! than the dense matrix, then a dense sum). A rejected update changes nothing.
 mod mean;
 mod methods;
+pub mod product;
 
 pub use mean::TensorMean;
-pub use methods::{FedItAggregator, FedSbAggregator, FfaLoraAggregator};
+pub use methods::{FLoraAggregator, FedExLoraAggregator, FedItAggregator, FedSbAggregator, FfaLoraAggregator};
 
 use crate::{Error, Result, TensorSet};
 
 /// The method names [`make_aggregator`] knows.
-pub const METHODS: &[&str] = &["fedsb", "fedit", "ffa-lora"];
+pub const METHODS: &[&str] = &["fedsb", "fedit", "ffa-lora", "fedex-lora", "flora"];
 
-/// One aggregation method (Fed-SB, FedIT, FFA-LoRA; FedEx-LoRA and FLoRA, which also change the base
-/// weights, come later behind the same trait).
+/// Whether `method` folds a product into the clients' base weights each round (FedEx-LoRA, FLoRA).
+pub fn folds_base(method: &str) -> bool {
+    matches!(method, "fedex-lora" | "flora")
+}
+
+/// What a round's aggregation produces.
+#[derive(Debug)]
+pub struct Aggregate {
+    /// The new global trainable tensors that clients start the next round from (f32). For FLoRA only the
+    /// head: its adapters restart from their initial values every round.
+    pub global: TensorSet,
+    /// FedEx-LoRA and FLoRA: the weighted mean of the clients' `Bᵢ·Aᵢ` ([`product`]), which every client folds
+    /// into its frozen base weights. `None` for the other methods.
+    pub product: Option<TensorSet>,
+}
+
+/// One aggregation method (Fed-SB, FedIT, FFA-LoRA, FedEx-LoRA, FLoRA).
 pub trait Aggregator: Send {
     /// Method name as used in configs ("fedsb").
     fn name(&self) -> &'static str;
@@ -35,8 +54,8 @@ pub trait Aggregator: Send {
     fn add(&mut self, update: &TensorSet, weight: f64) -> Result<()>;
     /// Number of updates added this round.
     fn count(&self) -> usize;
-    /// The new global tensors (f32), or an error when no update was added. Resets for the next `begin`.
-    fn finish(&mut self) -> Result<TensorSet>;
+    /// The round's [`Aggregate`], or an error when no update was added. Resets for the next `begin`.
+    fn finish(&mut self) -> Result<Aggregate>;
 }
 
 /// How client updates are weighted.
@@ -52,11 +71,15 @@ pub enum Weighting {
 }
 
 /// The aggregator for `method` (one of [`METHODS`]), or [`Error::Config`] listing the known methods.
-pub fn make_aggregator(method: &str, weighting: Weighting) -> Result<Box<dyn Aggregator>> {
+/// `restart` is the run's initial adapter (the init blob's `lora_A`/`lora_B`): FLoRA's clients restart from it
+/// every round; the other methods ignore it.
+pub fn make_aggregator(method: &str, weighting: Weighting, restart: &TensorSet) -> Result<Box<dyn Aggregator>> {
     match method {
         "fedsb" => Ok(Box::new(FedSbAggregator::new(weighting))),
         "fedit" => Ok(Box::new(FedItAggregator::new(weighting))),
         "ffa-lora" => Ok(Box::new(FfaLoraAggregator::new(weighting))),
+        "fedex-lora" => Ok(Box::new(FedExLoraAggregator::new(weighting))),
+        "flora" => Ok(Box::new(FLoraAggregator::new(weighting, restart)?)),
         other => {
             Err(Error::Config(format!("unknown aggregation method `{other}`; known methods: {}", METHODS.join(", "))))
         }
@@ -69,13 +92,18 @@ mod tests {
 
     #[test]
     fn make_aggregator_knows_the_methods_it_lists() {
+        let mut restart = TensorSet::new();
+        let dev = candle_core::Device::Cpu;
+        restart.insert("m.lora_A.weight", candle_core::Tensor::zeros((2, 3), candle_core::DType::F32, &dev).unwrap());
+        restart.insert("m.lora_B.weight", candle_core::Tensor::zeros((4, 2), candle_core::DType::F32, &dev).unwrap());
         for m in METHODS {
-            let a = make_aggregator(m, Weighting::Uniform).unwrap();
+            let a = make_aggregator(m, Weighting::Uniform, &restart).unwrap();
             assert_eq!(a.name(), *m);
             assert_eq!(a.count(), 0);
+            assert_eq!(folds_base(m), matches!(*m, "fedex-lora" | "flora"));
         }
-        assert!(make_aggregator("flora", Weighting::Uniform).is_err(), "not yet");
-        let msg = make_aggregator("fedavg", Weighting::Uniform).err().unwrap().to_string();
+        assert!(make_aggregator("flora", Weighting::Uniform, &TensorSet::new()).is_err(), "no adapter to restart");
+        let msg = make_aggregator("fedavg", Weighting::Uniform, &restart).err().unwrap().to_string();
         assert!(msg.contains("fedavg") && msg.contains("fedsb"), "{msg}");
     }
 

@@ -169,6 +169,29 @@ impl Model {
         Ok(s)
     }
 
+    /// Adds each `(module path, ΔW0)` to that module's frozen base weight (FedEx-LoRA, FLoRA). Every module must
+    /// exist with the delta's shape and every value be finite; on error nothing changes.
+    pub fn fold_into_base(&mut self, deltas: &[(String, candle_core::Tensor)]) -> Result<()> {
+        let names: Vec<String> = self.linears().iter().map(|l| l.name().to_string()).collect();
+        for (module, d) in deltas {
+            let i = names.iter().position(|n| n == module).ok_or_else(|| {
+                crate::Error::tensor(module, "a base delta for a module this model does not have")
+            })?;
+            let l = &self.linears()[i];
+            if d.dims() != [l.dims().0, l.dims().1] {
+                return Err(crate::Error::tensor(module, format!("base delta {:?}, expected {:?}", d.dims(), l.dims())));
+            }
+            crate::adapter::linear::check_finite(module, d)?;
+        }
+        let mut linears = self.linears_mut();
+        for (module, d) in deltas {
+            if let Some(l) = linears.iter_mut().find(|l| l.name() == module) {
+                l.add_to_base(d)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Sets every trainable tensor from `set` (e.g. a global adapter). All names must be present with the
     /// right shapes and finite values; on error nothing changes.
     pub fn load_trainable(&self, set: &TensorSet) -> Result<()> {
