@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
-use fedsb_common::model::load::{model_weight_files, weights_sha256};
 use fedsb_common::aggregate::FLoraAggregator;
 use fedsb_common::aggregate::product::{base_chain_sha256, base_deltas};
+use fedsb_common::model::load::{model_weight_files, weights_sha256};
 use fedsb_common::model::{LoadOptions, Model, load_model};
 use fedsb_common::spec::ClientSpec;
 use fedsb_common::train::{Dataset, Encoder, train};

@@ -495,7 +495,8 @@ impl Coordinator {
                         spec.adapter.scale(),
                     )?)?;
                 }
-                blobs.insert(p.clone(), ServedBlob { bytes: pb.into(), payload_bytes: product.num_values() as u64 * 4 });
+                blobs
+                    .insert(p.clone(), ServedBlob { bytes: pb.into(), payload_bytes: product.num_values() as u64 * 4 });
                 blobs.insert(
                     g.clone(),
                     ServedBlob { bytes: gb.into(), payload_bytes: round_global.num_values() as u64 * 4 },

@@ -18,6 +18,7 @@ pub mod net;
 pub mod round;
 pub mod service;
 pub mod store;
+pub mod sweep;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -35,6 +35,10 @@ enum Command {
     /// download, of a federated LoRA method on a model, from its config.json alone (no weights). The last line
     /// is the paper's `# Comm.` figure (parameters per round) as a plain integer.
     Plan(PlanArgs),
+    /// Experiment sweep: methods × ranks × seeds × splits from a TOML file, each run as a `local` federation,
+    /// results in one folder (results.csv, results.md, rounds.csv, accuracy charts as SVG). Completed runs are
+    /// skipped, so an interrupted sweep resumes. See docs/sweeps.md.
+    Sweep(SweepArgs),
     /// The load process of `bench` (started by it).
     #[command(hide = true)]
     BenchLoad(BenchLoadArgs),
@@ -104,6 +108,28 @@ struct PlanArgs {
 }
 
 #[derive(Args, Debug)]
+struct SweepArgs {
+    /// The sweep (TOML, see docs/sweeps.md).
+    #[arg(long)]
+    config: PathBuf,
+    /// Output folder: runs/ (one work folder and log per run), results.csv, results.md, rounds.csv and the charts.
+    #[arg(long)]
+    out: PathBuf,
+    /// Print the planned runs (and which are already complete) and their commands; run nothing.
+    #[arg(long, conflicts_with = "report_only")]
+    dry_run: bool,
+    /// Rebuild results and charts from the run folders already in --out; run nothing.
+    #[arg(long)]
+    report_only: bool,
+    /// The fedsb-client executable for every run (default: next to this one).
+    #[arg(long)]
+    client_exe: Option<PathBuf>,
+    /// Asset folder for every run (default: `local`'s, $FEDSB_ASSETS or ~/.cache/fedsb/assets).
+    #[arg(long)]
+    assets: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
 struct BenchLoadArgs {
     #[arg(long)]
     addr: String,
@@ -155,8 +181,9 @@ struct LocalArgs {
     /// First examples of the training data kept as the coordinator's public data for the LoRA-SB init.
     #[arg(long, default_value_t = 256)]
     public_examples: usize,
-    /// Method: fedsb (LoRA-SB, R averaged), or the baselines fedit (LoRA, A and B averaged) and ffa-lora
-    /// (LoRA with A frozen, B averaged).
+    /// Method: fedsb (LoRA-SB, R averaged), or the baselines fedit (LoRA, A and B averaged), ffa-lora (LoRA
+    /// with A frozen, B averaged), fedex-lora (FedIT plus the residual folded into the base weights) and flora
+    /// (the stacked product merged into the base weights, adapters restarted each round).
     #[arg(long, default_value = "fedsb")]
     method: String,
     /// Adapter rank.
@@ -304,6 +331,7 @@ fn main() -> Result<()> {
         Command::Bench(a) => bench(a),
         Command::BenchLoad(a) => bench_load(a),
         Command::Plan(a) => plan(a),
+        Command::Sweep(a) => sweep(a),
         Command::Certs(a) => {
             let c = fedsb_server::certs::make_dev_certs(&a.server_names, &a.clients, a.days)?;
             fedsb_server::certs::write_dev_certs(&c, &a.out)?;
@@ -448,6 +476,74 @@ fn local(a: LocalArgs) -> Result<()> {
     let outcome = rt.block_on(fed.run(cfg))?;
     if outcome.status != "completed" {
         bail!("the run failed: {}", outcome.message);
+    }
+    Ok(())
+}
+
+fn sweep(a: SweepArgs) -> Result<()> {
+    use fedsb_server::sweep::{RunState, RunnerOptions, SweepSpec, local_command, run_state, run_sweep, write_reports};
+    let spec = SweepSpec::load(&a.config)?;
+    let runs = spec.runs();
+    let opts = RunnerOptions {
+        out: a.out.clone(),
+        server_exe: std::env::current_exe().context("locating this executable")?,
+        client_exe: a.client_exe.clone(),
+        assets: a.assets.clone(),
+    };
+    if a.dry_run {
+        println!("sweep {}: {} runs into {}", spec.name, runs.len(), a.out.display());
+        for (i, run) in runs.iter().enumerate() {
+            let state = match run_state(run, &a.out) {
+                RunState::Absent => "to run".to_string(),
+                RunState::Complete => "complete, would be skipped".to_string(),
+                RunState::Stale(why) => format!("{why}: would be removed and run again"),
+            };
+            let cmd = local_command(run, &opts);
+            let args: Vec<String> = cmd.get_args().map(|s| s.to_string_lossy().into_owned()).collect();
+            println!(
+                "[{}/{}] {} ({state})\n    {} {}",
+                i + 1,
+                runs.len(),
+                run.name,
+                opts.server_exe.display(),
+                args.join(" ")
+            );
+        }
+        return Ok(());
+    }
+    if a.report_only {
+        let results = write_reports(&spec, &a.out)?;
+        let with = results.iter().filter(|r| !r.rounds.is_empty()).count();
+        println!("reports for {with} of {} runs written to {}", results.len(), a.out.display());
+        return Ok(());
+    }
+    let client_exe = match &a.client_exe {
+        Some(p) => p.clone(),
+        None => opts.server_exe.with_file_name("fedsb-client"),
+    };
+    if !client_exe.exists() {
+        bail!(
+            "{} not found: build it (`cargo build --release -p fedsb-client`) or pass --client-exe",
+            client_exe.display()
+        );
+    }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    // A copy of the config for the record (unless it is that copy: resuming with --config OUT/sweep.toml).
+    let copy = a.out.join("sweep.toml");
+    if std::fs::canonicalize(&a.config).ok() != std::fs::canonicalize(&copy).ok() {
+        std::fs::copy(&a.config, &copy).with_context(|| format!("copying the config to {}", copy.display()))?;
+    }
+    println!("sweep {}: {} runs into {}", spec.name, runs.len(), a.out.display());
+    let summary = run_sweep(&spec, &opts)?;
+    println!(
+        "{} run, {} skipped (already complete), {} failed; results: {}",
+        summary.ran.len(),
+        summary.skipped.len(),
+        summary.failed.len(),
+        a.out.join("results.md").display()
+    );
+    if !summary.failed.is_empty() {
+        bail!("{} of {} runs failed: {}", summary.failed.len(), runs.len(), summary.failed.join(", "));
     }
     Ok(())
 }

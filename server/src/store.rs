@@ -1039,11 +1039,7 @@ mod tests {
             conn.execute_batch("CREATE TABLE schema_version (version INTEGER NOT NULL);").unwrap();
             conn.execute_batch(SCHEMA_V1).unwrap();
             conn.execute("INSERT INTO schema_version (version) VALUES (1)", []).unwrap();
-            conn.execute(
-                "INSERT INTO runs VALUES ('r', '{}', ?1, 1, 'running', '')",
-                [&"a".repeat(64)],
-            )
-            .unwrap();
+            conn.execute("INSERT INTO runs VALUES ('r', '{}', ?1, 1, 'running', '')", [&"a".repeat(64)]).unwrap();
             conn.execute(
                 "INSERT INTO rounds (run_id, round, attempt, status, global_sha256, opened_unix_ms, closed_unix_ms, \
                  sampled_json, contributed_json, lost_json) VALUES ('r', 1, 0, 'failed', NULL, 1, 2, '[]', '[]', '[]')",

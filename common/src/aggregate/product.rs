@@ -141,10 +141,7 @@ impl ProductMean {
                 }
                 LayerState::Dense(sum) => {
                     let m: Vec<f32> = sum.iter().map(|x| (x / self.total_weight) as f32).collect();
-                    out.insert(
-                        format!("{}.{PRODUCT_DENSE}", l.module),
-                        Tensor::from_vec(m, (l.d, l.k), &self.device)?,
-                    );
+                    out.insert(format!("{}.{PRODUCT_DENSE}", l.module), Tensor::from_vec(m, (l.d, l.k), &self.device)?);
                 }
             }
         }

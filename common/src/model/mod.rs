@@ -174,12 +174,16 @@ impl Model {
     pub fn fold_into_base(&mut self, deltas: &[(String, candle_core::Tensor)]) -> Result<()> {
         let names: Vec<String> = self.linears().iter().map(|l| l.name().to_string()).collect();
         for (module, d) in deltas {
-            let i = names.iter().position(|n| n == module).ok_or_else(|| {
-                crate::Error::tensor(module, "a base delta for a module this model does not have")
-            })?;
+            let i = names
+                .iter()
+                .position(|n| n == module)
+                .ok_or_else(|| crate::Error::tensor(module, "a base delta for a module this model does not have"))?;
             let l = &self.linears()[i];
             if d.dims() != [l.dims().0, l.dims().1] {
-                return Err(crate::Error::tensor(module, format!("base delta {:?}, expected {:?}", d.dims(), l.dims())));
+                return Err(crate::Error::tensor(
+                    module,
+                    format!("base delta {:?}, expected {:?}", d.dims(), l.dims()),
+                ));
             }
             crate::adapter::linear::check_finite(module, d)?;
         }
