@@ -106,7 +106,7 @@ pub struct RoundMetrics {
 }
 
 /// One round's fold into the clients' base weights (FedEx-LoRA, FLoRA).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct BaseFold {
     /// The round that produced it.
     pub round: u64,
@@ -955,6 +955,7 @@ impl Coordinator {
             "ledger_totals": ledger.round_totals(),
             "ledger": ledger.entries(),
             "analytic_min_bytes_per_client": self.analytic_min_bytes,
+            "base_folds": self.base_folds(),
         });
         Ok(serde_json::to_string_pretty(&v)?)
     }

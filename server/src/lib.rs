@@ -9,6 +9,7 @@
 //! - [`certs`]: development certificates.
 //! - [`local`]: a whole federation on one machine.
 //! - [`loadbench`]: the coordinator load benchmark (`fedsb-server bench`).
+//! - [`sweep`]: experiment sweeps over methods, ranks, seeds and splits (`fedsb-server sweep`).
 pub mod certs;
 pub mod config;
 pub mod coordinator;

@@ -408,16 +408,17 @@ impl SweepSpec {
         })
     }
 
-    /// The runs, in order: method (as listed), rank, split, seed.
+    /// The runs, in order: seed, split, method (as listed), rank — every method runs once per split and seed
+    /// before the next, so a sweep cut short already compares all methods on the first split.
     pub fn runs(&self) -> Vec<PlannedRun> {
         let mut out = Vec::new();
-        for m in &self.methods {
-            let ov = self.overrides.get(m);
-            let ranks = ov.and_then(|o| o.ranks.clone()).unwrap_or_else(|| self.ranks.clone());
-            let local = ov.map_or_else(|| self.local.clone(), |o| o.local.over(&self.local));
-            for &rank in &ranks {
-                for &split in &self.splits {
-                    for &seed in &self.seeds {
+        for &seed in &self.seeds {
+            for &split in &self.splits {
+                for m in &self.methods {
+                    let ov = self.overrides.get(m);
+                    let ranks = ov.and_then(|o| o.ranks.clone()).unwrap_or_else(|| self.ranks.clone());
+                    let local = ov.map_or_else(|| self.local.clone(), |o| o.local.over(&self.local));
+                    for &rank in &ranks {
                         out.push(PlannedRun {
                             name: format!("{m}-r{rank}-{}-s{seed}", split.name()),
                             method: m.clone(),
@@ -1191,20 +1192,20 @@ lr = 0.001
             names,
             [
                 "fedsb-r16-iid-s42",
-                "fedsb-r16-dirichlet-s42",
                 "fedsb-r64-iid-s42",
-                "fedsb-r64-dirichlet-s42",
                 "fedit-r16-iid-s42",
-                "fedit-r16-dirichlet-s42",
                 "ffa-lora-r16-iid-s42",
-                "ffa-lora-r16-dirichlet-s42",
                 "fedex-lora-r16-iid-s42",
-                "fedex-lora-r16-dirichlet-s42",
                 "flora-r16-iid-s42",
+                "fedsb-r16-dirichlet-s42",
+                "fedsb-r64-dirichlet-s42",
+                "fedit-r16-dirichlet-s42",
+                "ffa-lora-r16-dirichlet-s42",
+                "fedex-lora-r16-dirichlet-s42",
                 "flora-r16-dirichlet-s42",
             ]
         );
-        let a = runs[1].local_args().join(" ");
+        let a = runs[6].local_args().join(" ");
         assert_eq!(
             a,
             "--clients 4 --rounds 3 --method fedsb --rank 16 --split dirichlet --dirichlet-alpha 0.5 --seed 42 \
@@ -1212,10 +1213,10 @@ lr = 0.001
         );
         // Methods without a section get [local] only.
         assert_eq!(
-            runs[4].local_args().join(" "),
+            runs[2].local_args().join(" "),
             "--clients 4 --rounds 3 --method fedit --rank 16 --split iid --seed 42 --local-steps 20 --model /base/models/tiny"
         );
-        assert_eq!(runs[3].label(), "fedsb r64 non-IID (α=0.5)");
+        assert_eq!(runs[7].label(), "fedsb r64 non-IID (α=0.5)");
     }
 
     #[test]
@@ -1234,7 +1235,7 @@ lr = 0.001
     fn seeds_multiply_runs_in_order() {
         let s = parse("methods = [\"fedsb\"]\nseeds = [1, 2, 3]\nranks = [4, 8]").unwrap();
         let names: Vec<String> = s.runs().into_iter().map(|r| r.name).collect();
-        assert_eq!(names[..4], ["fedsb-r4-iid-s1", "fedsb-r4-iid-s2", "fedsb-r4-iid-s3", "fedsb-r8-iid-s1"]);
+        assert_eq!(names[..4], ["fedsb-r4-iid-s1", "fedsb-r8-iid-s1", "fedsb-r4-iid-s2", "fedsb-r8-iid-s2"]);
         assert_eq!(names.len(), 6);
     }
 
@@ -1360,29 +1361,30 @@ lr = 0.001
         let out = dir.path();
         let spec = two_method_spec();
         let runs = spec.runs();
+        let run = |name: &str| runs.iter().find(|r| r.name == name).unwrap();
         // fedsb iid, fedsb dirichlet: complete; fedit iid: one round only (failed); fedit dirichlet: not run.
         fake_run(
             out,
-            &runs[0],
+            run("fedsb-r16-iid-s42"),
             &[line(1, "completed", 0.6, 100, 200), line(2, "completed", 0.8, 100, 200)],
             true,
             12.4,
         );
         fake_run(
             out,
-            &runs[1],
+            run("fedsb-r16-dirichlet-s42"),
             &[line(1, "completed", 0.7, 100, 200), line(2, "completed", 0.65, 100, 200)],
             true,
             10.0,
         );
-        fake_run(out, &runs[2], &[line(1, "completed", 0.55, 5000, 5000)], false, 3.0);
+        fake_run(out, run("fedit-r16-iid-s42"), &[line(1, "completed", 0.55, 5000, 5000)], false, 3.0);
         let results = write_reports(&spec, out).unwrap();
         for f in REPORT_FILES {
             assert!(out.join(f).exists(), "{f}");
         }
         assert_eq!(
             results.iter().map(|r| r.status).collect::<Vec<_>>(),
-            [RunStatus::Completed, RunStatus::Completed, RunStatus::Incomplete, RunStatus::NotRun]
+            [RunStatus::Completed, RunStatus::Incomplete, RunStatus::Completed, RunStatus::NotRun]
         );
 
         let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
@@ -1391,11 +1393,11 @@ lr = 0.001
         assert!(rows[0].starts_with("name,method,rank,split,seed,status,"));
         // Two clients, 100 up and 200 down each, two rounds; no ledger here, so no init bytes.
         assert_eq!(rows[1], "fedsb-r16-iid-s42,fedsb,16,iid,42,completed,2,2,0.800000,0.800000,100,200,,1200,12.40");
+        assert_eq!(rows[2], "fedit-r16-iid-s42,fedit,16,iid,42,incomplete,2,1,0.550000,0.550000,5000,5000,,20000,3.00");
         assert_eq!(
-            rows[2],
+            rows[3],
             "fedsb-r16-dirichlet-s42,fedsb,16,dirichlet,42,completed,2,2,0.650000,0.700000,100,200,,1200,10.00"
         );
-        assert_eq!(rows[3], "fedit-r16-iid-s42,fedit,16,iid,42,incomplete,2,1,0.550000,0.550000,5000,5000,,20000,3.00");
         assert_eq!(rows[4], "fedit-r16-dirichlet-s42,fedit,16,dirichlet,42,not run,2,0,,,,,,,");
 
         let rounds = std::fs::read_to_string(out.join("rounds.csv")).unwrap();
