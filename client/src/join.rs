@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
-use fedsb_common::aggregate::FLoraAggregator;
 use fedsb_common::aggregate::product::{base_chain_sha256, base_deltas};
+use fedsb_common::aggregate::{FLoraAggregator, folds_base};
 use fedsb_common::model::load::{model_weight_files, weights_sha256};
 use fedsb_common::model::{LoadOptions, Model, load_model};
 use fedsb_common::spec::ClientSpec;
@@ -115,6 +115,8 @@ struct ClientSummary {
     status: String,
     message: String,
     final_global_sha256: Option<String>,
+    /// FedEx-LoRA / FLoRA: the product blobs folded into the base weights, in round order.
+    base_folds: Vec<String>,
 }
 
 async fn connect(a: &ConnectArgs) -> Result<Rpc> {
@@ -310,6 +312,7 @@ async fn session(a: JoinArgs) -> Result<()> {
         status: "running".into(),
         message: String::new(),
         final_global_sha256: None,
+        base_folds: Vec::new(),
     };
     // FedEx-LoRA / FLoRA: the product blobs folded into this client's base weights so far, in round order.
     let mut folded: Vec<String> = Vec::new();
@@ -328,7 +331,8 @@ async fn session(a: JoinArgs) -> Result<()> {
             Some(pb::get_task_reply::Reply::Task(t)) => {
                 let global_ref = t.global.clone().ok_or_else(|| anyhow!("task without a global blob"))?;
                 let global = decode_blob(&fetch_blob(&a, &mut rpc, &global_ref).await?, &device)?;
-                fold_new_products(&a, &mut rpc, &mut model, &spec, &t, &global, &mut folded).await?;
+                let current = (global_ref.sha256.as_str(), &global);
+                fold_new_products(&a, &mut rpc, &mut model, &spec, &t.base_folds, current, &mut folded).await?;
                 if spec.method == "flora" {
                     // FLoRA's adapters restart from their initial values every round; the global is the head.
                     model.load_trainable(&FLoraAggregator::round_start(&init, &global))?;
@@ -397,18 +401,29 @@ async fn session(a: JoinArgs) -> Result<()> {
             Some(pb::get_task_reply::Reply::Finished(f)) => {
                 if let Some(g) = &f.global {
                     let global = decode_blob(&fetch_blob(&a, &mut rpc, g).await?, &device)?;
+                    if folds_base(&spec.method) {
+                        // The last round's product too: the final model is W0 with every fold, plus the global.
+                        let current = (g.sha256.as_str(), &global);
+                        fold_new_products(&a, &mut rpc, &mut model, &spec, &f.base_folds, current, &mut folded).await?;
+                        let delta = base_delta_since(&loaded.model, &model)?;
+                        delta.save(&a.work_dir.join("final_base_delta.safetensors"))?;
+                        eprintln!(
+                            "[{client_id}] {} base folds: W0 + final_base_delta.safetensors + final_adapter.safetensors \
+                             is the federated model",
+                            folded.len()
+                        );
+                    }
                     if spec.method == "flora" {
                         model.load_trainable(&FLoraAggregator::round_start(&init, &global))?;
                     } else {
                         model.load_trainable(&global)?;
                     }
-                    // FedEx-LoRA / FLoRA: the final model also holds the base folds (the coordinator's
-                    // rounds.product_sha256 blobs); this file is the adapter part only.
                     model.adapter_tensors()?.save(&a.work_dir.join("final_adapter.safetensors"))?;
                     summary.final_global_sha256 = Some(g.sha256.clone());
                 }
                 summary.status = f.status.clone();
                 summary.message = f.message.clone();
+                summary.base_folds = folded.clone();
                 write_summary(&a.work_dir, &summary)?;
                 eprintln!("[{client_id}] run {}: {}", f.status, f.message);
                 if f.status == "completed" {
@@ -421,15 +436,28 @@ async fn session(a: JoinArgs) -> Result<()> {
     }
 }
 
-/// FedEx-LoRA / FLoRA: folds into `model`'s base weights every product of `task.base_folds` not folded yet
-/// (all of them after a restart), checking that the ones already folded are the coordinator's.
+/// What FedEx-LoRA / FLoRA folded into the base weights: `W0 − W0_original` of every adapted layer that
+/// changed, as `{module}.weight`.
+fn base_delta_since(original: &Model, model: &Model) -> Result<fedsb_common::TensorSet> {
+    let mut out = fedsb_common::TensorSet::new();
+    for (o, m) in original.linears().iter().zip(model.linears()) {
+        if o.weight().id() != m.weight().id() {
+            out.insert(format!("{}.weight", m.name()), (m.weight() - o.weight())?);
+        }
+    }
+    Ok(out)
+}
+
+/// FedEx-LoRA / FLoRA: folds into `model`'s base weights every product of `folds` not folded yet (all of them
+/// after a restart), checking that the ones already folded are the coordinator's. `current` is the global
+/// just downloaded (sha256, tensors), reused when a fold names it.
 async fn fold_new_products(
     a: &JoinArgs,
     rpc: &mut Rpc,
     model: &mut Model,
     spec: &ClientSpec,
-    task: &pb::Task,
-    task_global: &fedsb_common::TensorSet,
+    folds: &[pb::BaseFold],
+    current: (&str, &fedsb_common::TensorSet),
     folded: &mut Vec<String>,
 ) -> Result<()> {
     let refs = |f: &pb::BaseFold| -> Result<(pb::BlobRef, pb::BlobRef)> {
@@ -439,17 +467,17 @@ async fn fold_new_products(
         }
     };
     for (i, sha) in folded.iter().enumerate() {
-        match task.base_folds.get(i) {
+        match folds.get(i) {
             Some(f) if f.product.as_ref().is_some_and(|p| &p.sha256 == sha) => {}
             _ => bail!("the coordinator's base folds no longer start with the ones this client folded: rejoin"),
         }
     }
     let device = model.device().clone();
-    for f in &task.base_folds[folded.len()..] {
+    for f in &folds[folded.len()..] {
         let (p, g) = refs(f)?;
         let product = decode_blob(&fetch_blob(a, rpc, &p).await?, &device)?;
         let round_global = match spec.method.as_str() {
-            "fedex-lora" if task.global.as_ref().is_some_and(|t| t.sha256 == g.sha256) => Some(task_global.clone()),
+            "fedex-lora" if current.0 == g.sha256 => Some(current.1.clone()),
             "fedex-lora" => Some(decode_blob(&fetch_blob(a, rpc, &g).await?, &device)?),
             _ => None,
         };

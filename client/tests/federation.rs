@@ -745,6 +745,8 @@ fn fedex_lora_and_flora_fold_exactly_with_real_clients_and_match_the_planner() {
         let mut cfg = base_config(&f.model, &f.init, &state, 2, 2);
         cfg.method = method.into();
         cfg.local.steps = Some(4);
+        // Large enough steps that FedEx-LoRA's residual (second order in the updates) is far above the tolerance.
+        cfg.local.lr = 2e-2;
         let work = f.dir.join(format!("procs-{method}"));
         std::fs::create_dir_all(&work).unwrap();
         let run = rt.block_on(start(&cfg, false));
@@ -776,6 +778,12 @@ fn fedex_lora_and_flora_fold_exactly_with_real_clients_and_match_the_planner() {
         }
         let deltas = base_deltas(&product, fedex.then_some(&global), scale).unwrap();
         assert!(!deltas.is_empty());
+        // The fold is not negligible (else the exactness check below would say little).
+        let fold_size = deltas
+            .iter()
+            .map(|(_, d)| d.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap())
+            .fold(0f32, f32::max);
+        assert!(fold_size > 1e-3, "{method}: the fold is {fold_size}, too small to test against 1e-5");
         for (module, fold) in &deltas {
             let ba = |s: &TensorSet| {
                 s.require(&format!("{module}.lora_B.weight"))
@@ -817,6 +825,23 @@ fn fedex_lora_and_flora_fold_exactly_with_real_clients_and_match_the_planner() {
         assert_eq!(round(Direction::Down, 2), vec![plan.down_bytes(); 2], "{method} round 2 down");
         let product_bytes = blob(&folds[0].product_sha256).num_values() as u64 * 4;
         assert_eq!(round(Direction::Down, 1), vec![plan.down_bytes() - product_bytes; 2], "{method} round 1 down");
+
+        // At the end every client folded all rounds, the last included, and wrote what it folded.
+        let products: Vec<&str> = folds.iter().map(|f| f.product_sha256.as_str()).collect();
+        let client_deltas: Vec<TensorSet> = ["alice", "bob"]
+            .iter()
+            .map(|n| {
+                let s: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(work.join(n).join("client_summary.json")).unwrap())
+                        .unwrap();
+                let folded: Vec<&str> =
+                    s["base_folds"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+                assert_eq!(folded, products, "{method} {n}");
+                TensorSet::load(&work.join(n).join("final_base_delta.safetensors"), &Device::Cpu).unwrap()
+            })
+            .collect();
+        assert_eq!(client_deltas[0].len(), deltas.len(), "{method}: one delta per adapted layer");
+        assert!(max_abs_diff(&client_deltas[0], &client_deltas[1]) < 1e-6, "{method}: the same base on both");
 
         let mut run = run;
         let _ = run.stop.take().unwrap().send(());

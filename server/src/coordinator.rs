@@ -548,10 +548,11 @@ impl Coordinator {
         lock(&self.folds).clone()
     }
 
-    /// The hash an update's `frozen_sha256` must equal now: the frozen adapter tensors' hash, chained with the
-    /// product blobs folded so far ([`base_chain_sha256`]).
-    pub fn expected_frozen_sha256(&self) -> String {
-        let products: Vec<String> = lock(&self.folds).iter().map(|f| f.product_sha256.clone()).collect();
+    /// The hash an update for `round` must carry as `frozen_sha256`: the frozen adapter tensors' hash, chained
+    /// with the product blobs of the rounds before it ([`base_chain_sha256`]).
+    pub fn expected_frozen_sha256(&self, round: u64) -> String {
+        let products: Vec<String> =
+            lock(&self.folds).iter().filter(|f| f.round < round).map(|f| f.product_sha256.clone()).collect();
         base_chain_sha256(&self.frozen_sha256, &products)
     }
 

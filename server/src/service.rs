@@ -57,6 +57,20 @@ impl Service {
     }
 
     /// The caller's identity (certificate CN, else the token header) and its connection counters.
+    /// The base folds of the rounds before `round`, as blob references.
+    fn base_fold_refs(&self, round: u64) -> Vec<pb::BaseFold> {
+        self.c
+            .base_folds()
+            .into_iter()
+            .filter(|f| f.round < round)
+            .map(|f| pb::BaseFold {
+                round: f.round,
+                product: self.c.blob(&f.product_sha256).map(|b| blob_ref(&f.product_sha256, b.bytes.len())),
+                global: self.c.blob(&f.global_sha256).map(|b| blob_ref(&f.global_sha256, b.bytes.len())),
+            })
+            .collect()
+    }
+
     fn identity<T>(&self, req: &Request<T>) -> Result<(String, Option<Arc<Counters>>), Status> {
         let (counters, certs) = if let Some(tls) = req.extensions().get::<TlsConnectInfo<ConnInfo>>() {
             (Some(tls.get_ref().counters.clone()), tls.peer_certs())
@@ -156,21 +170,13 @@ impl CoordinatorRpc for Service {
                     task_id: t.task_id,
                     global: self.c.blob(&t.global_sha256).map(|b| blob_ref(&t.global_sha256, b.bytes.len())),
                     deadline_unix_ms: t.deadline_ms,
-                    base_folds: self
-                        .c
-                        .base_folds()
-                        .into_iter()
-                        .map(|f| pb::BaseFold {
-                            round: f.round,
-                            product: self.c.blob(&f.product_sha256).map(|b| blob_ref(&f.product_sha256, b.bytes.len())),
-                            global: self.c.blob(&f.global_sha256).map(|b| blob_ref(&f.global_sha256, b.bytes.len())),
-                        })
-                        .collect(),
+                    base_folds: self.base_fold_refs(t.round),
                 }),
                 Poll::Finished(o) => pb::get_task_reply::Reply::Finished(pb::Finished {
                     status: o.status,
                     message: o.message,
                     global: self.c.blob(&o.global_sha256).map(|b| blob_ref(&o.global_sha256, b.bytes.len())),
+                    base_folds: self.base_fold_refs(u64::MAX),
                 }),
                 Poll::Wait(reason) => {
                     let left = until.saturating_duration_since(Instant::now());
@@ -258,7 +264,7 @@ impl CoordinatorRpc for Service {
                 blob.size, self.c.opts.max_update_bytes
             )));
         }
-        let expected = self.c.expected_frozen_sha256();
+        let expected = self.c.expected_frozen_sha256(h.round);
         if h.frozen_sha256 != expected {
             return Err(Status::failed_precondition(format!(
                 "the update was trained with frozen adapter tensors (B, A) and base folds of sha256 {}, the run's \

@@ -188,13 +188,21 @@ pub struct FLoraAggregator {
 
 impl FLoraAggregator {
     /// An aggregator with no open round; `restart` holds the initial `lora_A`/`lora_B` of every adapted layer
-    /// (other tensors in it are ignored).
+    /// (other tensors in it are ignored). Every `lora_B` must be zero: the restarted adapter adds nothing, so
+    /// folding `s·M` leaves the global model the mean of the clients'. The same `A` is reused every round (FLoRA
+    /// draws a new one; any `A` with `B = 0` keeps the fold exact, and this one is already on every client).
     pub fn new(weighting: Weighting, restart: &TensorSet) -> Result<Self> {
         let restart: TensorSet = restart
             .iter()
             .filter(|(n, _)| n.ends_with(".lora_A.weight") || n.ends_with(".lora_B.weight"))
             .map(|(n, t)| (n.clone(), t.clone()))
             .collect();
+        for (n, t) in restart.iter().filter(|(n, _)| n.ends_with(".lora_B.weight")) {
+            let max = t.abs()?.flatten_all()?.max(0)?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+            if max != 0.0 {
+                return Err(Error::tensor(n, "FLoRA restarts from B = 0, but this initial lora_B is not zero"));
+            }
+        }
         ProductMean::new(&restart)?;
         Ok(Self { mean: TensorMean::new("flora", weighting), product: None, restart })
     }
@@ -380,7 +388,11 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(4);
         let (a, b) = (randn(&mut rng, &[2, 3]), randn(&mut rng, &[4, 2]));
         let head = randn(&mut rng, &[2, 4]);
-        let restart = set(&[("lora_A.weight", &a), ("lora_B.weight", &b)]);
+        let nonzero_b = set(&[("lora_A.weight", &a), ("lora_B.weight", &b)]);
+        let msg = FLoraAggregator::new(Weighting::Uniform, &nonzero_b).err().unwrap().to_string();
+        assert!(msg.contains("B = 0"), "{msg}");
+        let zero_b = b.zeros_like().unwrap();
+        let restart = set(&[("lora_A.weight", &a), ("lora_B.weight", &zero_b)]);
         let global: TensorSet = [("classifier.weight".to_string(), head.clone())].into_iter().collect();
         let mut agg = FLoraAggregator::new(Weighting::Uniform, &restart).unwrap();
         assert!(agg.begin(&restart).is_err(), "the served global must not hold adapters");

@@ -280,6 +280,28 @@ mod tests {
     }
 
     #[test]
+    fn stacked_factors_are_kept_up_to_the_dense_size_as_the_planner_counts() {
+        // d = k = 8, r = 2: c·r(d+k) = 32·c against d·k = 64, so 2 clients stay factors (64 = 64), 3 do not.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let mk = |rng: &mut rand::rngs::StdRng| {
+            let mut s = TensorSet::new();
+            s.insert("m.lora_A.weight", randn(rng, (2, 8)));
+            s.insert("m.lora_B.weight", randn(rng, (8, 2)));
+            s
+        };
+        let clients: Vec<TensorSet> = (0..3).map(|_| mk(&mut rng)).collect();
+        let mut pm = ProductMean::new(&clients[0]).unwrap();
+        pm.add(&clients[0], 1.0).unwrap();
+        pm.add(&clients[1], 1.0).unwrap();
+        let two = pm.finish().unwrap();
+        assert_eq!(two.num_values(), 64);
+        assert!(two.get("m.product.B").is_some(), "at equality the factors are kept");
+        pm.add(&clients[2], 1.0).unwrap();
+        let three = pm.finish().unwrap();
+        assert_eq!((three.num_values(), three.get("m.product.dense").is_some()), (64, true));
+    }
+
+    #[test]
     fn base_deltas_subtract_the_mean_factors_for_fedex() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         let clients: Vec<TensorSet> = (0..3).map(|_| client(&mut rng)).collect();

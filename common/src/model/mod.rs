@@ -173,12 +173,19 @@ impl Model {
     /// exist with the delta's shape and every value be finite; on error nothing changes.
     pub fn fold_into_base(&mut self, deltas: &[(String, candle_core::Tensor)]) -> Result<()> {
         let names: Vec<String> = self.linears().iter().map(|l| l.name().to_string()).collect();
+        let mut seen = std::collections::HashSet::new();
         for (module, d) in deltas {
+            if !seen.insert(module.as_str()) {
+                return Err(crate::Error::tensor(module, "two base deltas for one module"));
+            }
             let i = names
                 .iter()
                 .position(|n| n == module)
                 .ok_or_else(|| crate::Error::tensor(module, "a base delta for a module this model does not have"))?;
             let l = &self.linears()[i];
+            if l.weight_var().is_some() {
+                return Err(crate::Error::tensor(module, "cannot fold into W0 while its gradient is tracked"));
+            }
             if d.dims() != [l.dims().0, l.dims().1] {
                 return Err(crate::Error::tensor(
                     module,
