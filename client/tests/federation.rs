@@ -660,16 +660,14 @@ fn a_killed_coordinator_resumes_and_real_clients_reconnect() {
     assert_eq!(status, "completed");
     assert_eq!(got, want, "the resumed run ends with the same adapter, bit for bit");
     for n in ["alice", "bob"] {
-        let s: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(work_b.join(n).join("client_summary.json")).unwrap())
-                .unwrap();
+        let s = client_summary(&work_b, n);
         assert_eq!(s["final_global_sha256"], got.as_str(), "{n} learned the final adapter");
     }
 }
 
 #[test]
 fn baselines_fedit_and_ffa_lora_federate_real_clients_and_match_the_planner() {
-    use fedsb_common::comm::planner::{Method, ModelShape, Plan, PlanSpec};
+    use fedsb_common::comm::planner::Method;
     let f = fixture();
     let rt = tokio::runtime::Runtime::new().unwrap();
     for (method, planned) in [("fedit", Method::FedIt), ("ffa-lora", Method::FfaLora)] {
@@ -696,25 +694,14 @@ fn baselines_fedit_and_ffa_lora_federate_real_clients_and_match_the_planner() {
         let frozen: Vec<String> = ["alice", "bob"]
             .iter()
             .map(|n| {
-                let s: serde_json::Value =
-                    serde_json::from_str(&std::fs::read_to_string(work.join(n).join("client_summary.json")).unwrap())
-                        .unwrap();
+                let s = client_summary(&work, n);
                 s["frozen_sha256"].as_str().unwrap().to_string()
             })
             .collect();
         assert_eq!(frozen[0], frozen[1]);
         assert_eq!(frozen[0], run.coord.frozen_sha256);
         // The ledger's upload payload is the planner's figure for the method, byte for byte.
-        let shape = ModelShape::from_file(&f.model).unwrap();
-        let spec = PlanSpec {
-            method: planned,
-            rank: 4,
-            targets: shape.default_targets(),
-            clients: 2,
-            bytes_per_value: 4,
-            num_labels: 2,
-        };
-        let plan = Plan::new(&shape, &spec).unwrap();
+        let plan = tiny_plan(&f.model, planned);
         let ledger = run.coord.ledger().unwrap();
         let ups: Vec<_> = ledger
             .entries()
@@ -736,7 +723,7 @@ fn baselines_fedit_and_ffa_lora_federate_real_clients_and_match_the_planner() {
 #[test]
 fn fedex_lora_and_flora_fold_exactly_with_real_clients_and_match_the_planner() {
     use fedsb_common::aggregate::product::base_deltas;
-    use fedsb_common::comm::planner::{Method, ModelShape, Plan, PlanSpec};
+    use fedsb_common::comm::planner::Method;
     use fedsb_common::comm::{Direction, Transfer};
     let f = fixture();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -800,16 +787,7 @@ fn fedex_lora_and_flora_fold_exactly_with_real_clients_and_match_the_planner() {
 
         // Bytes: uploads are the planner's per round; the round-2 download (global + round 1's product) is the
         // planner's steady-state download, byte for byte.
-        let shape = ModelShape::from_file(&f.model).unwrap();
-        let spec = PlanSpec {
-            method: planned,
-            rank: 4,
-            targets: shape.default_targets(),
-            clients: 2,
-            bytes_per_value: 4,
-            num_labels: 2,
-        };
-        let plan = Plan::new(&shape, &spec).unwrap();
+        let plan = tiny_plan(&f.model, planned);
         let ledger = run.coord.ledger().unwrap();
         let round = |dir: Direction, r: u64| -> Vec<u64> {
             ledger
@@ -831,9 +809,7 @@ fn fedex_lora_and_flora_fold_exactly_with_real_clients_and_match_the_planner() {
         let client_deltas: Vec<TensorSet> = ["alice", "bob"]
             .iter()
             .map(|n| {
-                let s: serde_json::Value =
-                    serde_json::from_str(&std::fs::read_to_string(work.join(n).join("client_summary.json")).unwrap())
-                        .unwrap();
+                let s = client_summary(&work, n);
                 let folded: Vec<&str> =
                     s["base_folds"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
                 assert_eq!(folded, products, "{method} {n}");
@@ -847,6 +823,20 @@ fn fedex_lora_and_flora_fold_exactly_with_real_clients_and_match_the_planner() {
         let _ = run.stop.take().unwrap().send(());
         rt.block_on(run.server).unwrap().unwrap();
     }
+}
+
+/// The planner's figures for the tiny model of the fixture: rank 4, 2 clients, f32, 2 labels.
+fn tiny_plan(model: &Path, method: fedsb_common::comm::planner::Method) -> fedsb_common::comm::planner::Plan {
+    use fedsb_common::comm::planner::{ModelShape, Plan, PlanSpec};
+    let shape = ModelShape::from_file(model).unwrap();
+    let spec =
+        PlanSpec { method, rank: 4, targets: shape.default_targets(), clients: 2, bytes_per_value: 4, num_labels: 2 };
+    Plan::new(&shape, &spec).unwrap()
+}
+
+/// A client's `client_summary.json` in its work folder under `work`.
+fn client_summary(work: &Path, name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(work.join(name).join("client_summary.json")).unwrap()).unwrap()
 }
 
 /// The run's init adapter (FLoRA's clients restart from it every round).

@@ -16,7 +16,7 @@ use fedsb_common::TensorSet;
 use fedsb_common::adapter::init::{InitConfig, lora_sb_init};
 use fedsb_common::adapter::{AdapterConfig, AdapterKind};
 use fedsb_common::aggregate::product::{base_chain_sha256, base_deltas};
-use fedsb_common::aggregate::{FLoraAggregator, Weighting, folds_base, make_aggregator};
+use fedsb_common::aggregate::{FLoraAggregator, Weighting, folds_base, lora_factors, make_aggregator};
 use fedsb_common::comm::human_bytes;
 use fedsb_common::comm::ledger::{ByteLedger, Direction, LedgerEntry, Transfer};
 use fedsb_common::model::{LoadOptions, Model, TaskKind, load_model};
@@ -443,11 +443,7 @@ impl Coordinator {
             seed: cfg.seed,
         };
         let aggregator = make_aggregator(&spec.method, cfg.weighting, &init)?;
-        let restart: TensorSet = init
-            .iter()
-            .filter(|(n, _)| n.ends_with(".lora_A.weight") || n.ends_with(".lora_B.weight"))
-            .map(|(n, t)| (n.clone(), t.clone()))
-            .collect();
+        let restart = lora_factors(&init);
         let mut engine = RoundEngine::new(
             run.run_id.clone(),
             policy,

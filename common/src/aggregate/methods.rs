@@ -126,24 +126,72 @@ impl Aggregator for FfaLoraAggregator {
 /// **Exact.** `W0 + s·(M − B̄Ā) + s·B̄Ā = W0 + s·mean(BᵢAᵢ)`: the global model is the mean of the clients'.
 /// The product travels as stacked factors or dense, whichever is smaller ([`super::product`]).
 #[derive(Debug)]
-pub struct FedExLoraAggregator {
-    mean: TensorMean,
-    product: Option<ProductMean>,
-}
+pub struct FedExLoraAggregator(MeanAndProduct);
 
 impl FedExLoraAggregator {
     /// An aggregator with no open round.
     pub fn new(weighting: Weighting) -> Self {
-        Self { mean: TensorMean::new("fedex-lora", weighting), product: None }
+        Self(MeanAndProduct::new("fedex-lora", weighting))
     }
 }
 
-/// `add` for the product methods: validate against the mean's layout, then add to both accumulators.
-fn add_with_product(mean: &mut TensorMean, product: &mut Option<ProductMean>, u: &TensorSet, w: f64) -> Result<()> {
-    let p = product.as_mut().ok_or_else(|| Error::Config("no round begun (call begin first)".into()))?;
-    mean.validate(u, w)?;
-    p.add(u, mean.effective_weight(w))?;
-    mean.add(u, w)
+/// The state both product methods keep: the mean of every trainable tensor and the mean of the products
+/// `Bᵢ·Aᵢ`, over the same updates and weights.
+#[derive(Debug)]
+struct MeanAndProduct {
+    mean: TensorMean,
+    product: Option<ProductMean>,
+}
+
+impl MeanAndProduct {
+    fn new(method: &'static str, weighting: Weighting) -> Self {
+        Self { mean: TensorMean::new(method, weighting), product: None }
+    }
+    /// Starts a round whose updates look like `layout`.
+    fn begin(&mut self, layout: &TensorSet) -> Result<()> {
+        let product = ProductMean::new(layout)?;
+        self.mean.begin(layout)?;
+        self.product = Some(product);
+        Ok(())
+    }
+    /// Validates against the mean's layout, then adds to both accumulators.
+    fn add(&mut self, u: &TensorSet, w: f64) -> Result<()> {
+        let p = self.product.as_mut().ok_or_else(|| Error::Config("no round begun (call begin first)".into()))?;
+        self.mean.validate(u, w)?;
+        p.add(u, self.mean.effective_weight(w))?;
+        self.mean.add(u, w)
+    }
+    /// The means and the product blob; resets for the next `begin`.
+    fn finish(&mut self) -> Result<(TensorSet, Option<TensorSet>)> {
+        let product = self.product.as_ref().map(ProductMean::finish).transpose()?;
+        let mean = self.mean.finish_mean()?;
+        self.product = None;
+        Ok((mean, product))
+    }
+}
+
+/// The product methods' `validate` and `count`, from their [`MeanAndProduct`].
+macro_rules! delegate_to_mean_and_product {
+    () => {
+        fn validate(&self, update: &TensorSet, weight: f64) -> Result<()> {
+            self.state().mean.validate(update, weight)
+        }
+        fn add(&mut self, update: &TensorSet, weight: f64) -> Result<()> {
+            self.state_mut().add(update, weight)
+        }
+        fn count(&self) -> usize {
+            self.state().mean.count()
+        }
+    };
+}
+
+impl FedExLoraAggregator {
+    fn state(&self) -> &MeanAndProduct {
+        &self.0
+    }
+    fn state_mut(&mut self) -> &mut MeanAndProduct {
+        &mut self.0
+    }
 }
 
 impl Aggregator for FedExLoraAggregator {
@@ -152,26 +200,21 @@ impl Aggregator for FedExLoraAggregator {
     }
     fn begin(&mut self, global: &TensorSet) -> Result<()> {
         check_layout("fedex-lora", global, &[".lora_A.weight", ".lora_B.weight"])?;
-        let product = ProductMean::new(global)?;
-        self.mean.begin(global)?;
-        self.product = Some(product);
-        Ok(())
+        self.0.begin(global)
     }
-    fn validate(&self, update: &TensorSet, weight: f64) -> Result<()> {
-        self.mean.validate(update, weight)
-    }
-    fn add(&mut self, update: &TensorSet, weight: f64) -> Result<()> {
-        add_with_product(&mut self.mean, &mut self.product, update, weight)
-    }
-    fn count(&self) -> usize {
-        self.mean.count()
-    }
+    delegate_to_mean_and_product!();
     fn finish(&mut self) -> Result<Aggregate> {
-        let product = self.product.as_ref().map(ProductMean::finish).transpose()?;
-        let global = self.mean.finish_mean()?;
-        self.product = None;
+        let (global, product) = self.0.finish()?;
         Ok(Aggregate { global, product })
     }
+}
+
+/// The `lora_A`/`lora_B` tensors of `set` (a LoRA adapter without its head).
+pub fn lora_factors(set: &TensorSet) -> TensorSet {
+    set.iter()
+        .filter(|(n, _)| n.ends_with(".lora_A.weight") || n.ends_with(".lora_B.weight"))
+        .map(|(n, t)| (n.clone(), t.clone()))
+        .collect()
 }
 
 /// FLoRA (arXiv 2409.05976): the clients' factors stacked — `[p₁B₁ … p_cB_c]·[A₁; …; A_c] = Σ pᵢ·Bᵢ·Aᵢ` —
@@ -181,8 +224,7 @@ impl Aggregator for FedExLoraAggregator {
 /// **Exact.** The merged model is `W0 + s·Σ pᵢ·BᵢAᵢ`, the weighted mean of the clients' models.
 #[derive(Debug)]
 pub struct FLoraAggregator {
-    mean: TensorMean,
-    product: Option<ProductMean>,
+    state: MeanAndProduct,
     restart: TensorSet,
 }
 
@@ -192,11 +234,7 @@ impl FLoraAggregator {
     /// folding `s·M` leaves the global model the mean of the clients'. The same `A` is reused every round (FLoRA
     /// draws a new one; any `A` with `B = 0` keeps the fold exact, and this one is already on every client).
     pub fn new(weighting: Weighting, restart: &TensorSet) -> Result<Self> {
-        let restart: TensorSet = restart
-            .iter()
-            .filter(|(n, _)| n.ends_with(".lora_A.weight") || n.ends_with(".lora_B.weight"))
-            .map(|(n, t)| (n.clone(), t.clone()))
-            .collect();
+        let restart = lora_factors(restart);
         for (n, t) in restart.iter().filter(|(n, _)| n.ends_with(".lora_B.weight")) {
             let max = t.abs()?.flatten_all()?.max(0)?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
             if max != 0.0 {
@@ -204,21 +242,24 @@ impl FLoraAggregator {
             }
         }
         ProductMean::new(&restart)?;
-        Ok(Self { mean: TensorMean::new("flora", weighting), product: None, restart })
+        Ok(Self { state: MeanAndProduct::new("flora", weighting), restart })
     }
 
     /// What clients train from in a round whose served global is `global` (the head): the restart adapter plus
     /// the global.
     pub fn round_start(restart: &TensorSet, global: &TensorSet) -> TensorSet {
-        let mut s: TensorSet = restart
-            .iter()
-            .filter(|(n, _)| n.ends_with(".lora_A.weight") || n.ends_with(".lora_B.weight"))
-            .map(|(n, t)| (n.clone(), t.clone()))
-            .collect();
+        let mut s = lora_factors(restart);
         for (n, t) in global.iter() {
             s.insert(n.clone(), t.clone());
         }
         s
+    }
+
+    fn state(&self) -> &MeanAndProduct {
+        &self.state
+    }
+    fn state_mut(&mut self) -> &mut MeanAndProduct {
+        &mut self.state
     }
 }
 
@@ -232,25 +273,11 @@ impl Aggregator for FLoraAggregator {
                 "flora: the served global holds only the head (adapters restart each round), not `{n}`"
             )));
         }
-        let layout = Self::round_start(&self.restart, global);
-        let product = ProductMean::new(&layout)?;
-        self.mean.begin(&layout)?;
-        self.product = Some(product);
-        Ok(())
+        self.state.begin(&Self::round_start(&self.restart, global))
     }
-    fn validate(&self, update: &TensorSet, weight: f64) -> Result<()> {
-        self.mean.validate(update, weight)
-    }
-    fn add(&mut self, update: &TensorSet, weight: f64) -> Result<()> {
-        add_with_product(&mut self.mean, &mut self.product, update, weight)
-    }
-    fn count(&self) -> usize {
-        self.mean.count()
-    }
+    delegate_to_mean_and_product!();
     fn finish(&mut self) -> Result<Aggregate> {
-        let product = self.product.as_ref().map(ProductMean::finish).transpose()?;
-        let mean = self.mean.finish_mean()?;
-        self.product = None;
+        let (mean, product) = self.state.finish()?;
         // The averaged factors are not used: the adapters restart; only the head carries over.
         let global = mean.iter().filter(|(n, _)| !n.contains(".lora_")).map(|(n, t)| (n.clone(), t.clone())).collect();
         Ok(Aggregate { global, product })

@@ -16,7 +16,9 @@ mod methods;
 pub mod product;
 
 pub use mean::TensorMean;
-pub use methods::{FLoraAggregator, FedExLoraAggregator, FedItAggregator, FedSbAggregator, FfaLoraAggregator};
+pub use methods::{
+    FLoraAggregator, FedExLoraAggregator, FedItAggregator, FedSbAggregator, FfaLoraAggregator, lora_factors,
+};
 
 use crate::{Error, Result, TensorSet};
 
