@@ -45,6 +45,10 @@ pub struct BenchArgs {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Also measure the DP-SGD step (per-sample gradients, clipping to C = 1, Gaussian noise σ = 1 from the
+    /// OS-seeded CSPRNG) on the same batches, and its ratio to the plain step.
+    #[arg(long)]
+    dp: bool,
     /// Run the models in this process (used internally).
     #[arg(long, hide = true)]
     in_process: bool,
@@ -90,6 +94,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             cmd.arg("--assets").arg(assets_root(&a));
             if a.json {
                 cmd.arg("--json");
+            }
+            if a.dp {
+                cmd.arg("--dp");
             }
             let status = cmd.status().with_context(|| format!("running the {m} bench"))?;
             if !status.success() {
@@ -229,7 +236,62 @@ fn bench_model(a: &BenchArgs, root: &std::path::Path, shape: &Shape) -> Result<(
                 "peak_rss_mib": peak_rss_mib(),
             }),
         );
+        if a.dp {
+            bench_dp_step(a, shape, &model, &batches, kind, med)?;
+        }
     }
+    Ok(())
+}
+
+/// The DP-SGD step on the same fixed batches (the expected batch is the bench batch; no Poisson draw, so the
+/// work per step equals the plain step's): per-sample gradients, clipping, noise, AdamW. It continues from the
+/// plain steps' trained tensors (only the time is measured).
+fn bench_dp_step(
+    a: &BenchArgs,
+    shape: &Shape,
+    model: &Model,
+    batches: &[Batch],
+    kind: AdapterKind,
+    plain_ms: f64,
+) -> Result<()> {
+    use fedsb_common::dp::sgd::{DpSgdConfig, dp_step};
+    let threads = candle_core::utils::get_num_threads();
+    reset_peak_rss();
+    let total = a.warmup + a.steps;
+    let mut trainer = Trainer::new(model, LrSchedule::new(1e-4, 0.0, total, ScheduleKind::Constant), 0.0, None)?;
+    let dp = DpSgdConfig {
+        max_grad_norm: 1.0,
+        noise_multiplier: 1.0,
+        expected_batch_size: shape.batch,
+        physical_batch_size: shape.batch,
+    };
+    let mut rng = fedsb_common::dp::NoiseRng::from_os()?;
+    let mut times = Vec::with_capacity(a.steps);
+    let mut clipped = 0usize;
+    for i in 0..total {
+        let b = &batches[i % batches.len()];
+        let t = Instant::now();
+        let (_, st) = dp_step(&mut trainer, std::slice::from_ref(b), &dp, &mut rng)?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        if i >= a.warmup {
+            times.push(ms);
+            clipped += st.clipped;
+        }
+    }
+    let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    let med = median(&mut times);
+    emit(
+        a.json,
+        json!({
+            "model": shape.name, "what": "train_step_dp", "adapter": kind.as_str(), "batch": shape.batch,
+            "seq_len": shape.seq, "rank": shape.rank, "steps": a.steps, "warmup": a.warmup,
+            "ms_per_step_median": med, "ms_per_step_min": min, "dp_over_plain": med / plain_ms,
+            "plain_ms_per_step_median": plain_ms,
+            "clipped_fraction": clipped as f64 / (a.steps * shape.batch) as f64,
+            "tokens_per_s": (shape.batch * shape.seq) as f64 / (med / 1e3), "threads": threads,
+            "device": a.device, "peak_rss_mib": peak_rss_mib(),
+        }),
+    );
     Ok(())
 }
 
@@ -267,6 +329,19 @@ fn emit(json: bool, v: serde_json::Value) {
             f("gradient_ms"),
             f("svd_ms_total"),
             f("svd_ms_per_matrix_median"),
+            f("peak_rss_mib")
+        );
+    } else if g("what") == "train_step_dp" {
+        println!(
+            "{:<7} {:<8} DP-SGD step {}x{} r={:<3}: median {:>8.1} ms (min {:.1}) = {:.3}x the plain step, peak RSS {:.0} MiB",
+            g("model").as_str().unwrap_or(""),
+            g("adapter").as_str().unwrap_or(""),
+            g("batch"),
+            g("seq_len"),
+            g("rank"),
+            f("ms_per_step_median"),
+            f("ms_per_step_min"),
+            f("dp_over_plain"),
             f("peak_rss_mib")
         );
     } else {

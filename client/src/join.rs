@@ -11,10 +11,12 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use fedsb_common::aggregate::product::{base_chain_sha256, base_deltas};
 use fedsb_common::aggregate::{FLoraAggregator, folds_base};
+use fedsb_common::dp::report::ClientPrivacy;
+use fedsb_common::dp::{DpReport, NoiseRng, train_dp};
 use fedsb_common::model::load::{model_weight_files, weights_sha256};
 use fedsb_common::model::{LoadOptions, Model, load_model};
 use fedsb_common::spec::ClientSpec;
-use fedsb_common::train::{Dataset, Encoder, train};
+use fedsb_common::train::{Dataset, Encoder, TrainSummary, train};
 use fedsb_common::wire::{CHUNK_SIZE, decode_blob, encode_blob, sha256_hex};
 use fedsb_proto::v1 as pb;
 use fedsb_proto::v1::coordinator_client::CoordinatorClient;
@@ -117,6 +119,55 @@ struct ClientSummary {
     final_global_sha256: Option<String>,
     /// FedEx-LoRA / FLoRA: the product blobs folded into the base weights, in round order.
     base_folds: Vec<String>,
+    /// DP-SGD: the privacy spent so far (the last report sent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    privacy: Option<DpReport>,
+}
+
+/// Environment variable that turns on the seeded, **insecure** DP noise of test mode (its value is the seed).
+pub const INSECURE_NOISE_SEED_ENV: &str = "FEDSB_DP_INSECURE_TEST_SEED";
+
+/// The DP noise generator: OS-seeded ChaCha20, or in explicit test mode a seeded one (with a loud warning;
+/// the seed is mixed with `salt`, the client's id, so that clients draw different noise).
+pub fn noise_rng(salt: &str) -> Result<NoiseRng> {
+    match std::env::var(INSECURE_NOISE_SEED_ENV) {
+        Ok(v) => {
+            let seed: u64 = v.parse().with_context(|| format!("{INSECURE_NOISE_SEED_ENV} must be an integer"))?;
+            let seed = salt.bytes().fold(seed, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+            eprintln!(
+                "WARNING: {INSECURE_NOISE_SEED_ENV} is set: DP noise comes from a seeded generator (test mode). It \
+                 gives NO privacy against anyone who knows the seed; reports say so, and a coordinator refuses them \
+                 unless its [dp] section sets allow_insecure_noise."
+            );
+            Ok(NoiseRng::insecure_seeded(seed))
+        }
+        Err(_) => Ok(NoiseRng::from_os()?),
+    }
+}
+
+/// The client's privacy accounting for `run_id`: continued from `work_dir/privacy.json` when it belongs to the
+/// same run and spec (a restarted client does not start again from ε = 0), else planned afresh.
+fn load_or_plan_privacy(
+    work_dir: &Path,
+    run_id: &str,
+    spec: &ClientSpec,
+    num_examples: usize,
+) -> Result<Option<ClientPrivacy>> {
+    let Some(dp) = &spec.dp else { return Ok(None) };
+    let path = work_dir.join("privacy.json");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let saved: ClientPrivacy =
+            serde_json::from_str(&text).with_context(|| format!("{}: not a privacy ledger", path.display()))?;
+        if saved.run_id == run_id && &saved.spec == dp && saved.num_examples == num_examples as u64 {
+            return Ok(Some(saved));
+        }
+        tracing::warn!("{} belongs to another run or data; starting a new privacy ledger", path.display());
+    }
+    let steps = spec.local.train_config(spec.seed, 1).total_steps(num_examples) as u64;
+    let expected_batch = spec.local.batch_size * spec.local.grad_accum;
+    let p = ClientPrivacy::plan(run_id, dp, num_examples as u64, expected_batch, steps)
+        .context("this run requires DP-SGD")?;
+    Ok(Some(p))
 }
 
 async fn connect(a: &ConnectArgs) -> Result<Rpc> {
@@ -313,6 +364,32 @@ async fn session(a: JoinArgs) -> Result<()> {
         message: String::new(),
         final_global_sha256: None,
         base_folds: Vec::new(),
+        privacy: None,
+    };
+    let mut privacy = load_or_plan_privacy(&a.work_dir, &reply.run_id, &spec, local.len())?;
+    let mut noise = match &privacy {
+        Some(p) => {
+            let (eps_now, _) = p.epsilon()?;
+            let rng = noise_rng(&client_id)?;
+            eprintln!(
+                "[{client_id}] DP-SGD (record-level, this client's {} examples): budget ε = {} at δ = {:e}; C = {}, \
+                 Poisson rate q = {:.5}, σ = {:.4} ({}); spent so far ε = {eps_now:.4}; noise: {}",
+                local.len(),
+                p.spec.target_epsilon,
+                p.spec.delta,
+                p.spec.max_grad_norm,
+                p.sample_rate,
+                p.noise_multiplier,
+                if p.spec.noise_multiplier.is_some() {
+                    "fixed by the run".to_string()
+                } else {
+                    format!("calibrated for {} rounds", p.spec.rounds)
+                },
+                if rng.is_secure() { "ChaCha20 seeded by the OS" } else { "SEEDED TEST GENERATOR (insecure)" }
+            );
+            Some(rng)
+        }
+        None => None,
     };
     // FedEx-LoRA / FLoRA: the product blobs folded into this client's base weights so far, in round order.
     let mut folded: Vec<String> = Vec::new();
@@ -341,16 +418,55 @@ async fn session(a: JoinArgs) -> Result<()> {
                 }
                 let cfg = spec.local.train_config(spec.seed, t.round);
                 let total = cfg.total_steps(local.len());
+                if let Some(p) = &privacy
+                    && let Err(over) = p.check_round(total as u64)?
+                {
+                    eprintln!("[{client_id}] round {}: {over}", t.round);
+                    let req = pb::LeaveRequest { run_id: reply.run_id.clone(), reason: over.to_string() };
+                    if let Err(e) = rpc.leave(req).await {
+                        tracing::warn!("telling the coordinator that this client leaves: {}", e.message());
+                    }
+                    summary.status = "left".into();
+                    summary.message = over.to_string();
+                    write_summary(&a.work_dir, &summary)?;
+                    return Ok(());
+                }
                 eprintln!("[{client_id}] round {}: training {total} steps on {} examples", t.round, local.len());
                 let (m, l, c) = (model.clone(), local.clone(), cfg.clone());
                 let label = format!("{client_id} r{}", t.round);
-                let summary_t = tokio::task::spawn_blocking(move || {
+                let dp_cfg = privacy.as_ref().map(|p| p.sgd_config(spec.local.batch_size));
+                let mut nz = noise.take();
+                let (summary_t, nz): (TrainSummary, Option<NoiseRng>) = tokio::task::spawn_blocking(move || {
                     let mut prog = StepProgress::new(total, &label);
-                    let s = train(&m, &l, &c, pad, &mut |r| prog.step(r));
+                    let s = match (&dp_cfg, nz.as_mut()) {
+                        (Some(dp), Some(rng)) => {
+                            train_dp(&m, &l, &c, dp, rng, pad, &mut |r, _| prog.step(r)).map(|s| s.train)
+                        }
+                        _ => train(&m, &l, &c, pad, &mut |r| prog.step(r)),
+                    };
                     prog.finish();
-                    s
+                    s.map(|s| (s, nz))
                 })
                 .await??;
+                noise = nz;
+                // Charged before the update leaves: the steps were taken whether or not it is accepted.
+                let dp_report = match (&mut privacy, &noise) {
+                    (Some(p), Some(rng)) => {
+                        p.charge(t.round, summary_t.steps as u64)?;
+                        fedsb_common::tensors::write_atomic(
+                            &a.work_dir.join("privacy.json"),
+                            serde_json::to_string_pretty(p)?.as_bytes(),
+                        )?;
+                        let r = p.report(rng.is_secure())?;
+                        eprintln!(
+                            "[{client_id}] round {}: privacy spent ε = {:.4} of {} (δ = {:e}, {} DP-SGD steps)",
+                            t.round, r.epsilon, p.spec.target_epsilon, r.delta, r.steps
+                        );
+                        summary.privacy = Some(r.clone());
+                        Some(r)
+                    }
+                    _ => None,
+                };
                 let update = model.trainable_tensors()?;
                 let blob = encode_blob(&update, spec.wire_dtype)?;
                 // Kept for audits: what this client sent in each round.
@@ -365,6 +481,7 @@ async fn session(a: JoinArgs) -> Result<()> {
                     train_loss: summary_t.final_loss,
                     blob: Some(pb::BlobRef { sha256: blob.sha256.clone(), size: blob.bytes.len() as u64 }),
                     frozen_sha256: base_chain_sha256(&frozen_sha256, &folded),
+                    dp: dp_report.as_ref().map(dp_report_to_pb),
                 };
                 let bytes = prost::bytes::Bytes::from(blob.bytes);
                 let res = with_retry(&a, &mut rpc, "submitting the update", |mut c| {
@@ -488,6 +605,20 @@ async fn fold_new_products(
         folded.push(p.sha256);
     }
     Ok(())
+}
+
+/// A DP report for the wire.
+fn dp_report_to_pb(r: &DpReport) -> pb::DpReport {
+    pb::DpReport {
+        epsilon: r.epsilon,
+        delta: r.delta,
+        best_order: r.best_order,
+        steps: r.steps,
+        noise_multiplier: r.noise_multiplier,
+        sample_rate: r.sample_rate,
+        max_grad_norm: r.max_grad_norm,
+        secure_noise: r.secure_noise,
+    }
 }
 
 fn write_summary(dir: &Path, s: &ClientSummary) -> Result<()> {

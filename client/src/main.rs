@@ -1,9 +1,10 @@
-//! `fedsb-client`: the fedsb client. Today: fine-tune a pretrained model locally with LoRA-SB (or LoRA /
-//! FFA-LoRA), and benchmark the training step. The federation commands build on the same engine.
+//! `fedsb-client`: the fedsb client: join a federated run (`join`), fine-tune a pretrained model locally with
+//! LoRA-SB (or LoRA / FFA-LoRA), benchmark the training step, and plan DP budgets (`privacy`).
 mod bench;
 mod device;
 mod finetune;
 mod join;
+mod privacy;
 mod progress;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,8 @@ enum Command {
     Join(Box<join::JoinArgs>),
     /// Print a coordinator's status (run phase, rounds, byte ledger) as JSON.
     Status(join::StatusArgs),
+    /// Privacy accounting: ε of DP-SGD settings, or the noise for a target ε (RDP, as Opacus).
+    Privacy(privacy::PrivacyArgs),
 }
 
 /// glibc's default malloc returns large blocks to the OS after every tensor op (mmap/munmap), so each op
@@ -59,5 +62,6 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Join(a) => join::run(*a),
         Command::Status(a) => join::status(a),
+        Command::Privacy(a) => privacy::run(a),
     }
 }

@@ -58,8 +58,10 @@ fn base_config(model: &Path, init: &Path, state: &Path, clients: usize, rounds: 
             eta: None,
             power_iters: 4,
             oversample: 4,
+            private: false,
         },
         eval: None,
+        dp: None,
     }
 }
 
@@ -317,6 +319,7 @@ fn header(t: &pb::Task, bytes: &[u8], frozen: &str) -> pb::UpdateHeader {
         train_loss: 0.5,
         blob: Some(pb::BlobRef { sha256: sha256_hex(bytes), size: bytes.len() as u64 }),
         frozen_sha256: frozen.into(),
+        dp: None,
     }
 }
 
@@ -842,4 +845,171 @@ fn client_summary(work: &Path, name: &str) -> serde_json::Value {
 /// The run's init adapter (FLoRA's clients restart from it every round).
 fn read_set_from_init(coord: &Coordinator, store: &Store) -> TensorSet {
     decode_blob(&store.get_blob(&coord.init_sha256).unwrap(), &Device::Cpu).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Differential privacy: DP-SGD required by the run spec.
+
+fn dp_spec(target_epsilon: f64, delta: f64, sigma: f64) -> fedsb_common::dp::DpSpec {
+    fedsb_common::dp::DpSpec {
+        max_grad_norm: 1.0,
+        target_epsilon,
+        delta,
+        noise_multiplier: Some(sigma),
+        rounds: 0,
+        allow_insecure_noise: true,
+    }
+}
+
+fn dp_report(q: f64, sigma: f64, steps: u64, delta: f64) -> pb::DpReport {
+    let (epsilon, best_order) = fedsb_common::dp::accountant::epsilon_for(q, sigma, steps, delta).unwrap();
+    pb::DpReport {
+        epsilon,
+        delta,
+        best_order,
+        steps,
+        noise_multiplier: sigma,
+        sample_rate: q,
+        max_grad_norm: 1.0,
+        secure_noise: true,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_dp_required_updates_without_a_matching_report_are_refused() {
+    let f = fixture();
+    // 10 examples per fake client, batch 8: q = 0.8; σ = 1 and 2 local steps spend ε ≈ 4.85 at δ = 1e-3.
+    let mut cfg = base_config(&f.model, &f.init, &f.dir.join("state"), 1, 1);
+    cfg.dp = Some(dp_spec(5.0, 0.2, 1.0));
+    let mut run = start(&cfg, false).await;
+    let base = run.coord.spec.base_model_sha256.clone();
+    let mut a = FakeClient::new(run.addr, "alice").await;
+    let e = a.join(&base).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("1/N") && e.message().contains("requires DP-SGD"), "{}", e.message());
+    let _ = run.stop.take().unwrap().send(());
+    run.server.await.unwrap().unwrap();
+
+    let mut cfg = base_config(&f.model, &f.init, &f.dir.join("state2"), 1, 1);
+    cfg.dp = Some(dp_spec(5.0, 1e-3, 1.0));
+    let mut run = start(&cfg, false).await;
+    let frozen = run.coord.frozen_sha256.clone();
+    let mut a = FakeClient::new(run.addr, "alice").await;
+    let j = a.join(&base).await.unwrap();
+    let spec: fedsb_common::spec::ClientSpec = serde_json::from_str(&j.run_spec_json).unwrap();
+    assert_eq!(spec.dp.as_ref().map(|d| d.rounds), Some(1), "the budget's horizon is sent to clients");
+    let t = expect_task(&mut a, &j.run_id).await;
+    let global = decode_blob(&a.fetch(t.global.as_ref().unwrap()).await, &Device::Cpu).unwrap();
+    let blob = encode_blob(&shifted(&global, 1.0), WireDtype::F32).unwrap();
+    let submit = |dp: Option<pb::DpReport>| {
+        let mut h = header(&t, &blob.bytes, &frozen);
+        h.dp = dp;
+        vec![hdr(h), data(blob.bytes.clone())]
+    };
+    let refused = |e: tonic::Status, needle: &str| {
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+        assert!(e.message().contains(needle), "expected `{needle}` in: {}", e.message());
+    };
+    refused(a.submit_raw(submit(None)).await.unwrap_err(), "no DP report");
+    let good = dp_report(0.8, 1.0, 2, 1e-3);
+    refused(a.submit_raw(submit(Some(pb::DpReport { epsilon: 0.5, ..good }))).await.unwrap_err(), "gives ε");
+    refused(a.submit_raw(submit(Some(pb::DpReport { max_grad_norm: 5.0, ..good }))).await.unwrap_err(), "clipping");
+    refused(a.submit_raw(submit(Some(pb::DpReport { noise_multiplier: 0.5, ..good }))).await.unwrap_err(), "σ");
+    refused(a.submit_raw(submit(Some(dp_report(0.8, 1.0, 4, 1e-3)))).await.unwrap_err(), "budget");
+    // The matching report is accepted and recorded: status, metrics and the store show it.
+    a.submit_raw(submit(Some(good))).await.unwrap();
+    run.coord.wait_finished(Duration::from_millis(100)).await;
+    let st: serde_json::Value = serde_json::from_str(&run.coord.status_json().unwrap()).unwrap();
+    let eps = st["privacy"]["clients"]["alice"]["epsilon"].as_f64().unwrap();
+    assert!((eps - good.epsilon).abs() < 1e-12, "{st}");
+    assert_eq!(st["privacy"]["worst_epsilon"].as_f64(), Some(eps));
+    assert!(st["privacy"]["init"].as_str().unwrap().contains("public/proxy data"), "{st}");
+    let metrics = std::fs::read_to_string(f.dir.join("state2/metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"worst_epsilon\""), "{metrics}");
+    let _ = run.stop.take().unwrap().send(());
+    run.server.await.unwrap().unwrap();
+}
+
+fn spawn_dp_client(addr: std::net::SocketAddr, name: &str, f: &Fixture, work: &Path, n: usize) -> std::process::Child {
+    let data = work.join(format!("{name}.jsonl"));
+    std::fs::write(&data, fedsb_common::model::testing::tiny_classification_jsonl(n, name.len() as u64)).unwrap();
+    let log = std::fs::File::create(work.join(format!("{name}.log"))).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_fedsb-client"))
+        .args(["join", "--insecure", "--server", &format!("http://{addr}"), "--token", name, "--retry-secs", "60"])
+        .arg("--model")
+        .arg(&f.model)
+        .arg("--data")
+        .arg(&data)
+        .arg("--work-dir")
+        .arg(work.join(name))
+        // Seeded noise (test mode, which the run's spec allows) keeps the test repeatable.
+        .env("FEDSB_DP_INSECURE_TEST_SEED", "11")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn real_dp_clients_account_every_round_and_one_over_budget_leaves_while_the_run_goes_on() {
+    let f = fixture();
+    let work = f.dir.join("dp");
+    std::fs::create_dir_all(&work).unwrap();
+    // σ = 1 fixed, 2 local steps of expected batch 8 per round, δ = 1e-3. Alice has 24 examples (q = 1/3):
+    // ε = 2.94 after round 1, 3.93 after round 2 > the budget 3.5, so she leaves before training round 2.
+    // Bob has 120 (q = 1/15): ε = 1.32 after all 3 rounds. Quorum 1: the run goes on with Bob.
+    let mut cfg = base_config(&f.model, &f.init, &work.join("state"), 2, 3);
+    cfg.quorum = Some(1);
+    cfg.dp = Some(dp_spec(3.5, 1e-3, 1.0));
+    let addr = free_addr();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (outcome, status) = rt.block_on(async {
+        let opts = ServeOptions { insecure: true, ..Default::default() };
+        let c = cfg.clone();
+        let coord = Arc::new(
+            tokio::task::spawn_blocking(move || Coordinator::prepare(&c, false, opts)).await.unwrap().unwrap(),
+        );
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let c = coord.clone();
+        let server = tokio::spawn(async move { fedsb_server::serve(c, listener, None, Duration::from_secs(2)).await });
+        let alice = spawn_dp_client(addr, "alice", &f, &work, 24);
+        let bob = spawn_dp_client(addr, "bob", &f, &work, 120);
+        server.await.unwrap().unwrap();
+        for (mut ch, name) in [(alice, "alice"), (bob, "bob")] {
+            let st = tokio::task::spawn_blocking(move || ch.wait()).await.unwrap().unwrap();
+            let log = std::fs::read_to_string(work.join(format!("{name}.log"))).unwrap_or_default();
+            assert!(st.success(), "{name} exited with {st}:\n{log}");
+        }
+        let outcome = coord.engine().outcome().cloned().unwrap();
+        (outcome, coord.status_json().unwrap())
+    });
+    let logs = ["alice", "bob"].map(|n| std::fs::read_to_string(work.join(format!("{n}.log"))).unwrap_or_default());
+    assert_eq!(outcome.status, "completed", "{}\n{}\n{}", outcome.message, logs[0], logs[1]);
+    // Alice stopped with a clear message, after one round.
+    let alice = client_summary(&work, "alice");
+    assert_eq!(alice["status"], "left", "{alice}");
+    assert!(alice["message"].as_str().unwrap().contains("privacy budget"), "{alice}");
+    assert_eq!(alice["rounds_trained"], serde_json::json!([1]));
+    assert!(logs[0].contains("stops taking tasks"), "{}", logs[0]);
+    // Bob trained all three rounds; his ledger charged every step, at q = 8/120.
+    let bob = client_summary(&work, "bob");
+    assert_eq!(bob["rounds_trained"], serde_json::json!([1, 2, 3]), "{bob}");
+    let ledger: fedsb_common::dp::report::ClientPrivacy =
+        serde_json::from_str(&std::fs::read_to_string(work.join("bob/privacy.json")).unwrap()).unwrap();
+    assert_eq!((ledger.accountant.steps(), ledger.rounds.clone()), (6, vec![1, 2, 3]));
+    let (expected, _) = fedsb_common::dp::accountant::epsilon_for(8.0 / 120.0, 1.0, 6, 1e-3).unwrap();
+    // The coordinator recorded each client's latest report, the worst ε, and Alice's departure.
+    let st: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let p = &st["privacy"];
+    assert!((p["clients"]["bob"]["epsilon"].as_f64().unwrap() - expected).abs() < 1e-9, "{p}");
+    assert_eq!(p["clients"]["bob"]["steps"], 6);
+    assert_eq!(p["clients"]["alice"]["steps"], 2);
+    let worst = p["worst_epsilon"].as_f64().unwrap();
+    assert!(worst > 2.9 && worst <= 3.5, "alice's 2.94 is the worst: {p}");
+    assert!(p["left"]["alice"].as_str().unwrap().contains("privacy budget"), "{p}");
+    let store = Store::open(&work.join("state")).unwrap();
+    let run = store.latest_run().unwrap().unwrap();
+    let rounds = store.rounds(&run.run_id).unwrap();
+    assert_eq!(rounds.iter().map(|r| r.contributed.len()).collect::<Vec<_>>(), [2, 1, 1]);
+    assert!(rounds.iter().all(|r| r.privacy_json.is_some()));
 }

@@ -12,6 +12,7 @@ pub mod aggregate;
 pub mod assets;
 pub mod benchstats;
 pub mod comm;
+pub mod dp;
 pub mod error;
 pub mod export;
 pub mod model;

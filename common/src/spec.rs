@@ -134,6 +134,9 @@ pub struct ClientSpec {
     pub wire_dtype: WireDtype,
     /// The run's seed.
     pub seed: u64,
+    /// DP-SGD required of every client (absent: no DP).
+    #[serde(default)]
+    pub dp: Option<crate::dp::DpSpec>,
 }
 
 #[cfg(test)]

@@ -35,6 +35,12 @@
 //! [eval]                       # optional: the coordinator evaluates every new global model
 //! data = "test.jsonl"
 //! limit = 1000
+//!
+//! [dp]                         # optional: DP-SGD required of every client (fedsb_common::dp::DpSpec)
+//! max_grad_norm = 0.1          # C, per-sample clipping norm
+//! target_epsilon = 3.0         # each client's budget for the whole run
+//! delta = 1e-5                 # must be below 1/(each client's local dataset size)
+//! # noise_multiplier = 1.1     # fixed σ; default: each client calibrates σ to spend its budget in `rounds` rounds
 //! ```
 use std::path::{Path, PathBuf};
 
@@ -113,6 +119,11 @@ pub struct AdapterSection {
 pub struct InitSection {
     /// JSONL data the coordinator holds (public or proxy data — never a client's private data).
     pub data: PathBuf,
+    /// Set when `data` is (part of) the clients' private data: the init is then computed without DP and is
+    /// **not** covered by any client's privacy budget, which the coordinator states loudly at start and in the
+    /// run's status.
+    #[serde(default)]
+    pub private: bool,
     /// Samples for the gradient estimate (default: max(|D|/1000, one batch)).
     #[serde(default)]
     pub samples: Option<usize>,
@@ -207,6 +218,9 @@ pub struct RunConfig {
     /// Evaluation of the global model.
     #[serde(default)]
     pub eval: Option<EvalSection>,
+    /// DP-SGD required of every client (absent: no DP).
+    #[serde(default)]
+    pub dp: Option<fedsb_common::dp::DpSpec>,
 }
 
 fn deadline() -> u64 {
@@ -287,7 +301,21 @@ impl RunConfig {
             bail!("adapter.rank must be at least 1");
         }
         self.local.validate()?;
+        if let Some(dp) = &self.dp {
+            dp.validate().context("the [dp] section")?;
+            if dp.rounds != 0 && dp.rounds != self.rounds {
+                bail!("dp.rounds is filled in from `rounds`; leave it out");
+            }
+        }
         Ok(())
+    }
+
+    /// The DP spec sent to clients: the `[dp]` section with `rounds` filled in.
+    pub fn dp_spec(&self) -> Option<fedsb_common::dp::DpSpec> {
+        self.dp.clone().map(|mut d| {
+            d.rounds = self.rounds;
+            d
+        })
     }
 
     /// Joined clients needed before a round opens.
@@ -338,6 +366,9 @@ data = "public.jsonl"
             (format!("quorum = 5\n{MIN}"), "quorum"),
             (format!("method = \"fedavg\"\n{MIN}"), "fedavg"),
             (format!("roundz = 1\n{MIN}"), "roundz"),
+            (format!("{MIN}[dp]\nmax_grad_norm = 0.1\ntarget_epsilon = 3\ndelta = 2\n"), "delta"),
+            (format!("{MIN}[dp]\nmax_grad_norm = -1\ntarget_epsilon = 3\ndelta = 1e-5\n"), "max_grad_norm"),
+            (format!("{MIN}[dp]\nmax_grad_norm = 0.1\ndelta = 1e-5\n"), "target_epsilon"),
         ] {
             std::fs::write(&p, bad).unwrap();
             let e = format!("{:#}", RunConfig::load(&p).unwrap_err());

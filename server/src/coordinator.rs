@@ -5,7 +5,7 @@
 //! Round closing: the aggregate is encoded as a blob and written durably, evaluated, then the round row and
 //! its ledger rows are committed in one transaction, and only then does the engine install the new global
 //! (so a crash never leaves a half round; `--resume` continues from the last committed round).
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,6 +19,7 @@ use fedsb_common::aggregate::product::{base_chain_sha256, base_deltas};
 use fedsb_common::aggregate::{FLoraAggregator, Weighting, folds_base, lora_factors, make_aggregator};
 use fedsb_common::comm::human_bytes;
 use fedsb_common::comm::ledger::{ByteLedger, Direction, LedgerEntry, Transfer};
+use fedsb_common::dp::DpReport;
 use fedsb_common::model::{LoadOptions, Model, TaskKind, load_model};
 use fedsb_common::spec::ClientSpec;
 use fedsb_common::train::data::Encoded;
@@ -103,6 +104,27 @@ pub struct RoundMetrics {
     pub down_wire_bytes: u64,
     /// The analytic minimum per client per direction.
     pub analytic_min_bytes: u64,
+    /// DP-SGD: the contributors' privacy reports (ε so far, δ, steps, σ, q, C).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub privacy: BTreeMap<String, DpReport>,
+    /// DP-SGD: the largest ε any client of the run has reported so far (the run's guarantee).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worst_epsilon: Option<f64>,
+}
+
+/// The privacy side of a run, for the status endpoint and the run summary.
+#[derive(Clone, Debug, Serialize)]
+pub struct PrivacySummary {
+    /// How the adapter's initialization relates to private data.
+    pub init: String,
+    /// The DP-SGD the run requires (none: no DP).
+    pub dp: Option<fedsb_common::dp::DpSpec>,
+    /// Each client's latest report (ε is cumulative over its rounds).
+    pub clients: BTreeMap<String, DpReport>,
+    /// The largest ε of any client: the run's record-level guarantee at δ.
+    pub worst_epsilon: Option<f64>,
+    /// Clients that left the run, and why.
+    pub left: BTreeMap<String, String>,
 }
 
 /// One round's fold into the clients' base weights (FedEx-LoRA, FLoRA).
@@ -165,6 +187,8 @@ pub struct Coordinator {
     analytic_min_bytes: u64,
     rounds: u64,
     metrics_path: PathBuf,
+    /// How the adapter's initialization relates to private data (stated at start, in the status and summary).
+    init_privacy: String,
     /// Woken whenever the phase changes (round opened, closed, run finished).
     pub notify: Notify,
 }
@@ -321,6 +345,7 @@ impl Coordinator {
                 local: cfg.local.clone(),
                 wire_dtype: cfg.wire_dtype,
                 seed: cfg.seed,
+                dp: cfg.dp_spec(),
             };
             let run = create_run(&store, &spec, init_sha)?;
             (run, init, 0, None)
@@ -411,6 +436,7 @@ impl Coordinator {
             local: cfg.local.clone(),
             wire_dtype: cfg.wire_dtype,
             seed: cfg.seed,
+            dp: cfg.dp_spec(),
         };
         let run = create_run(&store, &spec, init_sha256)?;
         let update_values = global0.num_values();
@@ -501,6 +527,22 @@ impl Coordinator {
             }
         }
         let max_update = cfg.max_update_bytes.unwrap_or(4 * (update_values as u64 * 4) + (1 << 20));
+        let init_privacy = init_privacy_statement(cfg, &spec);
+        if cfg.init.private {
+            tracing::warn!("{init_privacy}");
+        } else {
+            tracing::info!("privacy: {init_privacy}");
+        }
+        if let Some(dp) = &spec.dp {
+            tracing::info!(
+                "DP-SGD required of every client: C = {}, budget ε = {} at δ = {:e} over {} rounds{}",
+                dp.max_grad_norm,
+                dp.target_epsilon,
+                dp.delta,
+                dp.rounds,
+                dp.noise_multiplier.map_or(", σ calibrated by each client".into(), |s| format!(", σ = {s}"))
+            );
+        }
         Ok(Self {
             run_id: run.run_id.clone(),
             spec_json: run.spec_json.clone(),
@@ -520,6 +562,7 @@ impl Coordinator {
             analytic_min_bytes,
             rounds: cfg.rounds,
             metrics_path: cfg.state_dir.join("metrics.jsonl"),
+            init_privacy,
             notify: Notify::new(),
         })
     }
@@ -688,6 +731,7 @@ impl Coordinator {
                     mean_train_loss: None,
                     eval_json: None,
                     product_sha256: None,
+                    privacy_json: None,
                 };
                 if let Err(e) =
                     self.store().commit_round(&self.run_id, &rec, &ledger.iter().map(ledger_row).collect::<Vec<_>>())
@@ -723,6 +767,8 @@ impl Coordinator {
                     up_wire_bytes: 0,
                     down_wire_bytes: 0,
                     analytic_min_bytes: self.analytic_min_bytes,
+                    privacy: BTreeMap::new(),
+                    worst_epsilon: self.privacy_summary().ok().and_then(|p| p.worst_epsilon),
                 });
                 self.after_phase_change();
             }
@@ -807,6 +853,8 @@ impl Coordinator {
         } else {
             Some(c.contributed.iter().map(|(_, m)| m.train_loss).sum::<f64>() / c.contributed.len() as f64)
         };
+        let privacy: BTreeMap<String, DpReport> =
+            c.contributed.iter().filter_map(|(n, m)| m.dp.clone().map(|d| (n.clone(), d))).collect();
         let rec = RoundRecord {
             round: c.round,
             attempt: c.attempt,
@@ -820,6 +868,7 @@ impl Coordinator {
             mean_train_loss: mean_loss,
             eval_json: eval.as_ref().map(serde_json::to_string).transpose()?,
             product_sha256: product.as_ref().map(|(p, _)| p.clone()),
+            privacy_json: if privacy.is_empty() { None } else { Some(serde_json::to_string(&privacy)?) },
         };
         self.store().commit_round(&self.run_id, &rec, &ledger.iter().map(ledger_row).collect::<Vec<_>>())?;
         lock(&self.blobs)
@@ -857,6 +906,8 @@ impl Coordinator {
             up_wire_bytes: sum(Direction::Up, &|e| e.wire_bytes.unwrap_or(0)),
             down_wire_bytes: sum(Direction::Down, &|e| e.wire_bytes.unwrap_or(0)),
             analytic_min_bytes: self.analytic_min_bytes,
+            worst_epsilon: self.privacy_summary().ok().and_then(|p| p.worst_epsilon),
+            privacy,
         };
         self.write_metrics(&m);
         self.print_round(&m);
@@ -903,6 +954,10 @@ impl Coordinator {
             human_bytes(m.down_wire_bytes),
             m.seconds
         );
+        let line = match m.worst_epsilon {
+            Some(e) => format!("{line}, DP ε ≤ {e:.3} (worst client)"),
+            None => line,
+        };
         if self.opts.print_rounds {
             println!("{line}");
         } else {
@@ -929,6 +984,32 @@ impl Coordinator {
         Ok(l)
     }
 
+    /// The privacy statement of the run: how the init relates to private data, the DP spec, each client's
+    /// latest report (from the store, so it survives a restart) and the worst-case ε.
+    pub fn privacy_summary(&self) -> Result<PrivacySummary> {
+        let mut clients: BTreeMap<String, DpReport> = BTreeMap::new();
+        for r in self.store().rounds(&self.run_id)? {
+            if let Some(j) = &r.privacy_json {
+                let reports: BTreeMap<String, DpReport> =
+                    serde_json::from_str(j).with_context(|| format!("round {}'s privacy reports", r.round))?;
+                for (c, rep) in reports {
+                    let newer = clients.get(&c).is_none_or(|old| rep.steps >= old.steps);
+                    if newer {
+                        clients.insert(c, rep);
+                    }
+                }
+            }
+        }
+        let worst_epsilon = clients.values().map(|r| r.epsilon).reduce(f64::max);
+        Ok(PrivacySummary {
+            init: self.init_privacy.clone(),
+            dp: self.spec.dp.clone(),
+            clients,
+            worst_epsilon,
+            left: self.engine().left().clone(),
+        })
+    }
+
     /// The status document served by `GetStatus`.
     pub fn status_json(&self) -> Result<String> {
         let (phase, completed, clients, outcome) = {
@@ -953,6 +1034,7 @@ impl Coordinator {
             "ledger": ledger.entries(),
             "analytic_min_bytes_per_client": self.analytic_min_bytes,
             "base_folds": self.base_folds(),
+            "privacy": self.privacy_summary()?,
         });
         Ok(serde_json::to_string_pretty(&v)?)
     }
@@ -994,4 +1076,29 @@ pub fn ledger_row(e: &LedgerEntry) -> LedgerRow {
 /// The update blob's tensors as the engine wants them, with validation errors as strings.
 pub fn tensors_of(bytes: &[u8]) -> std::result::Result<TensorSet, String> {
     fedsb_common::wire::decode_blob(bytes, &Device::Cpu).map_err(|e| e.to_string())
+}
+
+/// What the run says about its adapter init and private data (logged at start; in the status and summary).
+fn init_privacy_statement(cfg: &RunConfig, spec: &ClientSpec) -> String {
+    if spec.adapter.kind != AdapterKind::LoraSb {
+        return format!(
+            "{} starts from data-independent adapters (A seeded at random, B = 0): no private data is used before \
+             training",
+            spec.method
+        );
+    }
+    if cfg.init.private {
+        format!(
+            "WARNING: the LoRA-SB init (B, A) was computed WITHOUT differential privacy from {}, which the config \
+             marks as private data (init.private = true): it is NOT covered by any client's privacy budget{}",
+            cfg.init.data.display(),
+            if spec.dp.is_some() { ", so the run's ε does not account for it" } else { "" }
+        )
+    } else {
+        format!(
+            "the LoRA-SB init (B, A) was computed by the coordinator from {}, public/proxy data that no client \
+             trains on; it spends no client's privacy budget (set init.private = true if that data is private)",
+            cfg.init.data.display()
+        )
+    }
 }

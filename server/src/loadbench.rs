@@ -144,8 +144,10 @@ pub async fn run_coordinator_side(shape: &LoadShape, work_dir: &Path, load_exe: 
             eta: None,
             power_iters: 0,
             oversample: 0,
+            private: false,
         },
         eval: None,
+        dp: None,
     };
     let opts = ServeOptions { insecure: shape.insecure, h2_window_bytes: shape.h2_window_bytes, ..Default::default() };
     let modules: Vec<&str> = shape.modules.iter().map(String::as_str).collect();
@@ -393,6 +395,7 @@ pub async fn run_load_clients(a: LoadClients) -> Result<Vec<SubmitTiming>> {
                     train_loss: 0.5,
                     blob: Some(pb::BlobRef { sha256: sha.clone(), size: bytes.len() as u64 }),
                     frozen_sha256: a.frozen_sha256.clone(),
+                    dp: None,
                 };
                 let mut msgs = vec![pb::UpdateChunk { part: Some(pb::update_chunk::Part::Header(header)) }];
                 msgs.extend((0..bytes.len()).step_by(CHUNK_SIZE).map(|s| pb::UpdateChunk {

@@ -113,6 +113,14 @@ impl LocalFederation {
             tracing::info!("client-{}: {} examples, labels {:?}", i + 1, ex.len(), labels);
         }
         let mut cfg = self.config.clone();
+        if let Some(dp) = &mut cfg.dp
+            && dp.delta.is_nan()
+        {
+            // δ left to us: 1/N² for the smallest shard, safely below the 1/N every client needs.
+            let n = shards.iter().map(Vec::len).min().unwrap_or(1).max(1) as f64;
+            dp.delta = 1.0 / (n * n);
+            tracing::info!("DP δ = {:e} (1/N² for the smallest shard, N = {n})", dp.delta);
+        }
         cfg.model.path = self.model.clone();
         cfg.init.data = w.join("data/public.jsonl");
         cfg.state_dir = w.join("state");
@@ -227,6 +235,33 @@ impl LocalFederation {
                 _ => "r·(d+k) values (A and B)",
             }
         );
+        let privacy = coord.privacy_summary()?;
+        println!("privacy: {}", privacy.init);
+        if let Some(dp) = &privacy.dp {
+            println!(
+                "privacy: DP-SGD required (record-level, per client): C = {}, budget ε = {} at δ = {:e}",
+                dp.max_grad_norm, dp.target_epsilon, dp.delta
+            );
+            for (c, r) in &privacy.clients {
+                println!(
+                    "  {c}: ε = {:.4} after {} steps (σ = {:.4}, q = {:.5}{})",
+                    r.epsilon,
+                    r.steps,
+                    r.noise_multiplier,
+                    r.sample_rate,
+                    if r.secure_noise { "" } else { ", TEST-MODE NOISE" }
+                );
+            }
+            for (c, why) in &privacy.left {
+                println!("  {c} left the run: {why}");
+            }
+            match privacy.worst_epsilon {
+                Some(e) => {
+                    println!("privacy: the run's guarantee is the worst client's: (ε, δ) = ({e:.4}, {:e})", dp.delta)
+                }
+                None => println!("privacy: no DP report was recorded"),
+            }
+        }
         println!("run {}: {}", outcome.status, outcome.message);
         println!("metrics: {}, ledger: {}", w.join("state/metrics.jsonl").display(), w.join("ledger.jsonl").display());
         Ok(outcome)

@@ -229,6 +229,23 @@ struct LocalArgs {
     /// Show the clients' output here instead of writing WORK_DIR/client-N.log.
     #[arg(long)]
     show_client_output: bool,
+    /// Require DP-SGD of every client with this privacy budget ε for the whole run (record-level, per client;
+    /// each client calibrates its noise to spend it in --rounds rounds).
+    #[arg(long)]
+    dp_epsilon: Option<f64>,
+    /// DP δ (default: 1/N² for the smallest client's N examples, which is below 1/N as required).
+    #[arg(long, requires = "dp_epsilon")]
+    dp_delta: Option<f64>,
+    /// DP per-sample clipping norm C.
+    #[arg(long, default_value_t = 1.0, requires = "dp_epsilon")]
+    dp_max_grad_norm: f64,
+    /// A fixed DP noise multiplier σ instead of the per-client calibration (the budget is still enforced: a
+    /// client stops when the next round would exceed it).
+    #[arg(long, requires = "dp_epsilon")]
+    dp_noise_multiplier: Option<f64>,
+    /// Mark the LoRA-SB init data as private (it then is not covered by the budget, and the run says so).
+    #[arg(long)]
+    init_data_private: bool,
 }
 
 /// Transport flags shared by the commands that serve.
@@ -449,11 +466,21 @@ fn local(a: LocalArgs) -> Result<()> {
             eta: None,
             power_iters: 6,
             oversample: 8,
+            private: a.init_data_private,
         },
         eval: Some(EvalSection {
             data: eval.clone(),
             limit: (a.eval_limit > 0).then_some(a.eval_limit),
             batch_size: 32,
+        }),
+        dp: a.dp_epsilon.map(|eps| fedsb_common::dp::DpSpec {
+            max_grad_norm: a.dp_max_grad_norm,
+            target_epsilon: eps,
+            // NaN: chosen by `LocalFederation::prepare` from the shards' sizes (1/N² of the smallest).
+            delta: a.dp_delta.unwrap_or(f64::NAN),
+            noise_multiplier: a.dp_noise_multiplier,
+            rounds: 0,
+            allow_insecure_noise: std::env::var_os("FEDSB_DP_INSECURE_TEST_SEED").is_some(),
         }),
     };
     if a.work_dir.join("state").exists() {

@@ -131,6 +131,8 @@ pub struct UpdateMeta {
     pub steps: u32,
     /// Mean local training loss.
     pub train_loss: f64,
+    /// DP-SGD: the client's privacy report (checked before the update reached the engine).
+    pub dp: Option<fedsb_common::dp::DpReport>,
 }
 
 /// What a state change means for the caller.
@@ -196,6 +198,8 @@ struct OpenRound {
     sampled: BTreeSet<String>,
     tasks: BTreeMap<String, String>,
     received: BTreeMap<String, UpdateMeta>,
+    /// Sampled clients that left the run during the round (their task is given up).
+    withdrawn: BTreeSet<String>,
 }
 
 #[derive(Debug)]
@@ -227,6 +231,7 @@ pub struct RoundEngine {
     phase: Phase,
     aggregator: Box<dyn Aggregator>,
     weighted: bool,
+    left: BTreeMap<String, String>,
 }
 
 impl RoundEngine {
@@ -260,6 +265,7 @@ impl RoundEngine {
             phase,
             aggregator,
             weighted,
+            left: BTreeMap::new(),
         }
     }
 
@@ -310,9 +316,97 @@ impl RoundEngine {
         }
     }
 
-    /// Registers (or refreshes) a client.
+    /// Registers (or refreshes) a client. A client that left the run may join again (a restarted client
+    /// that finds its budget spent leaves again before training).
     pub fn join(&mut self, client: &str, num_examples: u64, now_ms: u64) {
+        self.left.remove(client);
         self.clients.insert(client.to_string(), ClientState { num_examples, last_seen_ms: now_ms });
+    }
+
+    /// Clients that left the run, with their reasons.
+    pub fn left(&self) -> &BTreeMap<String, String> {
+        &self.left
+    }
+
+    /// `client` leaves the run for good (e.g. its privacy budget is spent): it is not sampled again, and a
+    /// task it holds in the open round is given up, so the round closes as soon as the others have answered
+    /// (or fails when they are fewer than its quorum). When fewer joined clients remain than a round needs, the
+    /// run stops as failed, saying why.
+    pub fn leave(&mut self, client: &str, reason: &str, now_ms: u64) -> Result<Option<Event>, Reject> {
+        if !self.clients.contains_key(client) {
+            return Err(Reject::UnknownClient(client.to_string()));
+        }
+        if matches!(self.phase, Phase::Finished(_)) {
+            return Err(Reject::Finished);
+        }
+        self.clients.remove(client);
+        self.left.insert(client.to_string(), reason.to_string());
+        if let Phase::Open(o) = &mut self.phase
+            && o.sampled.contains(client)
+            && !o.received.contains_key(client)
+        {
+            o.withdrawn.insert(client.to_string());
+            return self.settle(now_ms);
+        }
+        self.stop_if_too_few_left();
+        Ok(None)
+    }
+
+    /// After a withdrawal: closes the round when every sampled client still in the run has answered (and they
+    /// make its quorum), fails it when the rest cannot make the quorum any more.
+    fn settle(&mut self, now_ms: u64) -> Result<Option<Event>, Reject> {
+        let Phase::Open(o) = &self.phase else { return Ok(None) };
+        let quorum = self.policy.quorum.unwrap_or(o.sampled.len()).min(o.sampled.len()).max(1);
+        let possible = o.sampled.len() - o.withdrawn.len();
+        let ev = if possible < quorum {
+            Some(self.fail())
+        } else if o.received.len() == possible {
+            Some(self.close(now_ms)?)
+        } else {
+            None
+        };
+        self.stop_if_too_few_left();
+        Ok(ev)
+    }
+
+    /// Between rounds, after clients left: stops the run when fewer remain than a round needs (new clients
+    /// could still join a run that nobody left; one that lost clients for good is not left waiting forever).
+    fn stop_if_too_few_left(&mut self) {
+        if matches!(self.phase, Phase::Waiting) && self.too_few_left() {
+            self.stop_short();
+        }
+    }
+
+    /// Whether clients left and fewer remain than the quorum a round needs.
+    fn too_few_left(&self) -> bool {
+        !self.left.is_empty() && self.clients.len() < self.policy.quorum.unwrap_or(1).max(1)
+    }
+
+    /// Joined clients needed to open a round: `min_clients`, lowered by the clients that left for good (never
+    /// below the quorum), so the run goes on with the others.
+    fn min_to_open(&self) -> usize {
+        let base = self.policy.min_clients.max(1);
+        if self.left.is_empty() {
+            base
+        } else {
+            base.saturating_sub(self.left.len()).max(self.policy.quorum.unwrap_or(1)).max(1)
+        }
+    }
+
+    /// Ends a run that has fewer clients left than a round needs.
+    fn stop_short(&mut self) {
+        let reasons: Vec<String> = self.left.iter().map(|(c, r)| format!("{c}: {r}")).collect();
+        self.phase = Phase::Finished(RunOutcome {
+            status: "failed".into(),
+            message: format!(
+                "only {} client(s) remain after {} left the run, fewer than the quorum of {} a round needs ({})",
+                self.clients.len(),
+                self.left.len(),
+                self.policy.quorum.unwrap_or(1).max(1),
+                reasons.join("; ")
+            ),
+            global_sha256: self.global_sha256.clone(),
+        });
     }
 
     fn touch(&mut self, client: &str, now_ms: u64) -> Result<(), Reject> {
@@ -403,14 +497,19 @@ impl RoundEngine {
         self.touch(client, now_ms)?;
         let Phase::Open(o) = &mut self.phase else { unreachable!("checked above") };
         o.received.insert(client.to_string(), meta);
-        if o.received.len() == o.sampled.len() { Ok(Some(self.close(now_ms)?)) } else { Ok(None) }
+        if o.received.len() + o.withdrawn.len() == o.sampled.len() {
+            let quorum = self.policy.quorum.unwrap_or(o.sampled.len()).min(o.sampled.len()).max(1);
+            if o.received.len() >= quorum { Ok(Some(self.close(now_ms)?)) } else { Ok(Some(self.fail())) }
+        } else {
+            Ok(None)
+        }
     }
 
     /// Advances time: opens a round when enough clients joined, and closes or fails the open round at its
     /// deadline.
     pub fn tick(&mut self, now_ms: u64) -> Result<Option<Event>, Reject> {
         match &self.phase {
-            Phase::Waiting if self.clients.len() >= self.policy.min_clients.max(1) => Ok(Some(self.open(now_ms)?)),
+            Phase::Waiting if self.clients.len() >= self.min_to_open() => Ok(Some(self.open(now_ms)?)),
             Phase::Open(o) if now_ms >= o.deadline_ms => {
                 let quorum = self.policy.quorum.unwrap_or(o.sampled.len()).min(o.sampled.len()).max(1);
                 if o.received.len() >= quorum { Ok(Some(self.close(now_ms)?)) } else { Ok(Some(self.fail())) }
@@ -440,6 +539,7 @@ impl RoundEngine {
             sampled,
             tasks,
             received: BTreeMap::new(),
+            withdrawn: BTreeSet::new(),
         });
         Ok(Event::Opened { round, attempt: self.attempt, sampled: ids })
     }
@@ -474,9 +574,13 @@ impl RoundEngine {
         let Phase::Open(o) = std::mem::replace(&mut self.phase, Phase::Waiting) else {
             unreachable!("fail is called on an open round")
         };
-        let retry = self.policy.on_quorum_miss == QuorumMiss::Retry && self.attempt < self.policy.max_retries;
+        let too_few = self.too_few_left();
+        let retry =
+            self.policy.on_quorum_miss == QuorumMiss::Retry && self.attempt < self.policy.max_retries && !too_few;
         if retry {
             self.attempt += 1;
+        } else if too_few {
+            self.stop_short();
         } else {
             self.phase = Phase::Finished(RunOutcome {
                 status: "failed".into(),
@@ -517,6 +621,7 @@ impl RoundEngine {
         } else {
             Phase::Waiting
         };
+        self.stop_if_too_few_left();
     }
 
     /// Stops the run as failed (e.g. the round could not be persisted).
@@ -549,7 +654,7 @@ mod tests {
     }
 
     fn meta() -> UpdateMeta {
-        UpdateMeta { num_examples: 10, steps: 1, train_loss: 0.5 }
+        UpdateMeta { num_examples: 10, steps: 1, train_loss: 0.5, dp: None }
     }
 
     fn engine(rounds: u64, k: usize, quorum: Option<usize>, miss: QuorumMiss) -> RoundEngine {
@@ -601,6 +706,60 @@ mod tests {
         e.commit(1, c.global, "g1".into());
         let Poll::Finished(o) = e.poll("a", 6).unwrap() else { panic!() };
         assert_eq!((o.status.as_str(), o.global_sha256.as_str()), ("completed", "g1"));
+    }
+
+    #[test]
+    fn a_client_that_leaves_gives_up_its_task_and_the_round_goes_on() {
+        // 3 clients, all sampled, quorum 2: c leaves mid-round; a and b close the round without a deadline.
+        let mut e = engine(3, 3, Some(2), QuorumMiss::Stop);
+        for c in ["a", "b", "c"] {
+            e.join(c, 10, 0);
+        }
+        e.tick(0).unwrap();
+        let ta = task(&mut e, "a", 1);
+        let tb = task(&mut e, "b", 1);
+        assert!(e.submit("a", k("run", 1, &ta.task_id), &update(1.0), meta(), 2).unwrap().is_none());
+        assert!(e.leave("c", "privacy budget spent", 3).unwrap().is_none(), "b has not answered yet");
+        let Some(Event::Closed(c)) = e.submit("b", k("run", 1, &tb.task_id), &update(3.0), meta(), 4).unwrap() else {
+            panic!("round should close once every remaining client answered")
+        };
+        assert_eq!(c.lost, vec!["c".to_string()]);
+        assert_eq!(e.left().get("c").map(String::as_str), Some("privacy budget spent"));
+        assert!(matches!(e.poll("c", 5), Err(Reject::UnknownClient(_))), "a client that left is unknown");
+        e.commit(1, c.global, "g1".into());
+        // Round 2 samples only a and b; b leaves: 1 of 2 left, below the quorum: the run fails, saying why.
+        e.tick(10).unwrap();
+        let _ = task(&mut e, "a", 11);
+        assert!(matches!(e.poll("c", 11), Err(Reject::UnknownClient(_))));
+        let ev = e.leave("b", "privacy budget spent", 12).unwrap();
+        assert!(matches!(ev, Some(Event::Failed { round: 2, retry: false, .. })), "{ev:?}");
+        let Poll::Finished(o) = e.poll("a", 13).unwrap() else { panic!() };
+        assert_eq!(o.status, "failed");
+        assert!(o.message.contains("quorum"), "{}", o.message);
+        assert!(e.leave("a", "x", 14).is_err(), "the run is over");
+        assert!(e.leave("zz", "x", 14).is_err(), "unknown client");
+    }
+
+    #[test]
+    fn the_run_goes_on_with_fewer_clients_until_none_can_make_the_quorum() {
+        let mut e = engine(3, 2, Some(1), QuorumMiss::Retry);
+        e.join("a", 10, 0);
+        e.join("b", 10, 0);
+        e.tick(0).unwrap();
+        let ta = task(&mut e, "a", 1);
+        assert!(e.leave("b", "budget", 2).unwrap().is_none(), "a may still answer");
+        let Some(Event::Closed(c)) = e.submit("a", k("run", 1, &ta.task_id), &update(1.0), meta(), 3).unwrap() else {
+            panic!("a's update closes the round (quorum 1)")
+        };
+        e.commit(1, c.global, "g1".into());
+        // min_clients 2, but b left for good: round 2 opens with a alone.
+        assert!(matches!(e.tick(4).unwrap(), Some(Event::Opened { round: 2, .. })));
+        let _ = task(&mut e, "a", 5);
+        let ev = e.leave("a", "budget too", 6).unwrap();
+        assert!(matches!(ev, Some(Event::Failed { retry: false, .. })), "{ev:?}");
+        let o = e.outcome().expect("no client is left to make the quorum");
+        assert_eq!(o.status, "failed");
+        assert!(o.message.contains("b: budget") && o.message.contains("a: budget too"), "{}", o.message);
     }
 
     #[test]

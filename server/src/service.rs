@@ -129,6 +129,11 @@ impl CoordinatorRpc for Service {
                 r.base_model_sha256, self.c.spec.base_model_sha256
             )));
         }
+        if let Some(dp) = &self.c.spec.dp {
+            dp.check_delta(r.num_examples).map_err(|e| {
+                Status::failed_precondition(format!("this run requires DP-SGD and cannot take this client: {e}"))
+            })?;
+        }
         let now = now_ms();
         self.c.engine().join(&id, r.num_examples, now);
         let rec = crate::store::ClientRecord {
@@ -272,6 +277,7 @@ impl CoordinatorRpc for Service {
                 h.frozen_sha256
             )));
         }
+        self.check_dp(&h)?;
         let share = (blob.size.div_ceil(1024)).clamp(1, INGEST_BUDGET_BYTES >> 10) as u32;
         let _permit =
             self.ingest.acquire_many(share).await.map_err(|_| Status::unavailable("the coordinator is stopping"))?;
@@ -310,7 +316,12 @@ impl CoordinatorRpc for Service {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::invalid_argument(format!("invalid update: {e}")))?;
-        let meta = UpdateMeta { num_examples: h.num_examples, steps: h.steps, train_loss: h.train_loss };
+        let meta = UpdateMeta {
+            num_examples: h.num_examples,
+            steps: h.steps,
+            train_loss: h.train_loss,
+            dp: h.dp.as_ref().map(dp_report_from_pb),
+        };
         if !meta.train_loss.is_finite() {
             return Err(Status::invalid_argument("train_loss is not finite"));
         }
@@ -326,6 +337,52 @@ impl CoordinatorRpc for Service {
     async fn get_status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
         let json = self.c.status_json().map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::StatusReply { json }))
+    }
+
+    async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveReply>, Status> {
+        let (id, _) = self.identity(&req)?;
+        let r = req.into_inner();
+        if r.run_id != self.c.run_id {
+            return Err(reject_status(&Reject::UnknownRun(r.run_id)));
+        }
+        let reason: String = r.reason.chars().take(500).collect();
+        let ev = self.c.engine().leave(&id, &reason, now_ms()).map_err(|e| reject_status(&e))?;
+        tracing::warn!("client {id} left the run: {reason}");
+        self.c.handle(Ok(ev));
+        self.c.notify.notify_waiters();
+        Ok(Response::new(pb::LeaveReply { message: format!("client {id} has left run {}", self.c.run_id) }))
+    }
+}
+
+/// A DP report off the wire.
+fn dp_report_from_pb(d: &pb::DpReport) -> fedsb_common::dp::DpReport {
+    fedsb_common::dp::DpReport {
+        epsilon: d.epsilon,
+        delta: d.delta,
+        best_order: d.best_order,
+        steps: d.steps,
+        noise_multiplier: d.noise_multiplier,
+        sample_rate: d.sample_rate,
+        max_grad_norm: d.max_grad_norm,
+        secure_noise: d.secure_noise,
+    }
+}
+
+impl Service {
+    /// With DP required: the update must carry a DP report that matches the run's spec and budget (ε recomputed
+    /// here); without, a report is recorded as sent.
+    fn check_dp(&self, h: &pb::UpdateHeader) -> Result<(), Status> {
+        let Some(spec) = &self.c.spec.dp else { return Ok(()) };
+        let Some(d) = &h.dp else {
+            return Err(Status::failed_precondition(
+                "this run requires DP-SGD (the [dp] section of its config) and the update carries no DP report: \
+                 the client must train with DP-SGD (a fedsb-client that reads the run spec does so)",
+            ));
+        };
+        let expected_batch = self.c.spec.local.batch_size * self.c.spec.local.grad_accum;
+        dp_report_from_pb(d)
+            .verify(spec, h.num_examples, expected_batch)
+            .map_err(|e| Status::failed_precondition(e.to_string()))
     }
 }
 

@@ -26,6 +26,7 @@
 //!     sampled_json TEXT NOT NULL, contributed_json TEXT NOT NULL, lost_json TEXT NOT NULL,  -- JSON arrays of ids
 //!     mean_train_loss REAL, eval_json TEXT,
 //!     product_sha256 TEXT,                 -- FedEx-LoRA / FLoRA: the product blob folded into base weights (v2)
+//!     privacy_json TEXT,                   -- DP-SGD: {client: DP report} of the contributors (v3)
 //!     PRIMARY KEY (run_id, round, attempt));
 //! CREATE TABLE ledger (
 //!     id INTEGER PRIMARY KEY, run_id TEXT NOT NULL REFERENCES runs(run_id), round INTEGER NOT NULL,
@@ -76,10 +77,12 @@ use fedsb_common::wire::{is_sha256_hex, sha256_hex};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
 /// The schema version this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// From version 1 to 2: the product blob of FedEx-LoRA / FLoRA rounds.
 const MIGRATE_V2: &str = "ALTER TABLE rounds ADD COLUMN product_sha256 TEXT;";
+/// From version 2 to 3: the contributors' DP reports of a round.
+const MIGRATE_V3: &str = "ALTER TABLE rounds ADD COLUMN privacy_json TEXT;";
 
 /// File name of the SQLite database inside the store directory.
 const DB_FILE: &str = "state.sqlite";
@@ -248,6 +251,8 @@ pub struct RoundRecord {
     /// FedEx-LoRA, FLoRA: the product blob clients fold into their base weights (written before the commit,
     /// like the global).
     pub product_sha256: Option<String>,
+    /// DP-SGD: the contributors' privacy reports, as a JSON object by client id.
+    pub privacy_json: Option<String>,
 }
 
 /// One row of the byte ledger; mirrors fedsb_common::comm::ledger::LedgerEntry but is defined here (plain
@@ -327,11 +332,24 @@ fn remove_stale_tmp(blob_dir: &Path) -> Result<(), StoreError> {
 }
 
 /// Raw values of a `rounds` row, decoded into a [`RoundRecord`] outside the row closure.
-type RoundRow =
-    (u64, u32, String, Option<String>, u64, u64, String, String, String, Option<f64>, Option<String>, Option<String>);
+type RoundRow = (
+    u64,
+    u32,
+    String,
+    Option<String>,
+    u64,
+    u64,
+    String,
+    String,
+    String,
+    Option<f64>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
 
 const ROUND_COLUMNS: &str = "round, attempt, status, global_sha256, opened_unix_ms, closed_unix_ms, sampled_json, \
-                             contributed_json, lost_json, mean_train_loss, eval_json, product_sha256";
+                             contributed_json, lost_json, mean_train_loss, eval_json, product_sha256, privacy_json";
 
 fn read_round_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RoundRow> {
     Ok((
@@ -347,11 +365,26 @@ fn read_round_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RoundRow> {
         row.get(9)?,
         row.get(10)?,
         row.get(11)?,
+        row.get(12)?,
     ))
 }
 
 fn decode_round(raw: RoundRow) -> Result<RoundRecord, StoreError> {
-    let (round, attempt, status, global_sha256, opened, closed, sampled, contributed, lost, loss, eval, product) = raw;
+    let (
+        round,
+        attempt,
+        status,
+        global_sha256,
+        opened,
+        closed,
+        sampled,
+        contributed,
+        lost,
+        loss,
+        eval,
+        product,
+        privacy,
+    ) = raw;
     let list = |name: &str, json: &str| -> Result<Vec<String>, StoreError> {
         serde_json::from_str(json).map_err(|e| {
             StoreError::Invalid(format!("round {round} attempt {attempt}: column {name} is not a JSON list: {e}"))
@@ -370,6 +403,7 @@ fn decode_round(raw: RoundRow) -> Result<RoundRecord, StoreError> {
         mean_train_loss: loss,
         eval_json: eval,
         product_sha256: product,
+        privacy_json: privacy,
     })
 }
 
@@ -448,10 +482,14 @@ impl Store {
             [] => {
                 tx.execute_batch(SCHEMA_V1)?;
                 tx.execute_batch(MIGRATE_V2)?;
+                tx.execute_batch(MIGRATE_V3)?;
                 tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [SCHEMA_VERSION])?;
             }
-            [1] => {
-                tx.execute_batch(MIGRATE_V2)?;
+            [v @ (1 | 2)] => {
+                if *v == 1 {
+                    tx.execute_batch(MIGRATE_V2)?;
+                }
+                tx.execute_batch(MIGRATE_V3)?;
                 tx.execute("UPDATE schema_version SET version = ?1", [SCHEMA_VERSION])?;
             }
             [v] if *v == SCHEMA_VERSION => {}
@@ -645,7 +683,7 @@ impl Store {
         require_run(&tx, run_id)?;
         tx.execute(
             &format!(
-                "INSERT INTO rounds (run_id, {ROUND_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+                "INSERT INTO rounds (run_id, {ROUND_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
             ),
             params![
                 run_id,
@@ -660,7 +698,8 @@ impl Store {
                 lost,
                 r.mean_train_loss,
                 r.eval_json,
-                r.product_sha256
+                r.product_sha256,
+                r.privacy_json
             ],
         )?;
         insert_ledger(&tx, run_id, Some(r.attempt), ledger)?;
@@ -756,6 +795,7 @@ mod tests {
             mean_train_loss: Some(0.25 + round as f64),
             eval_json: Some(r#"{"accuracy":0.9}"#.into()),
             product_sha256: None,
+            privacy_json: None,
         }
     }
 
@@ -1050,6 +1090,35 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let rounds = store.rounds("r").unwrap();
         assert_eq!((rounds.len(), rounds[0].product_sha256.clone()), (1, None));
+        let v: i64 = store.conn.query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn a_version_2_database_gains_the_privacy_column() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.execute_batch("CREATE TABLE schema_version (version INTEGER NOT NULL);").unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.execute_batch(MIGRATE_V2).unwrap();
+            conn.execute("INSERT INTO schema_version (version) VALUES (2)", []).unwrap();
+            conn.execute("INSERT INTO runs VALUES ('r', '{}', ?1, 1, 'running', '')", [&"a".repeat(64)]).unwrap();
+            conn.execute(
+                "INSERT INTO rounds (run_id, round, attempt, status, global_sha256, opened_unix_ms, closed_unix_ms, \
+                 sampled_json, contributed_json, lost_json, product_sha256) \
+                 VALUES ('r', 1, 0, 'failed', NULL, 1, 2, '[]', '[]', '[]', NULL)",
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let rounds = store.rounds("r").unwrap();
+        assert_eq!((rounds.len(), rounds[0].privacy_json.clone()), (1, None));
+        let mut r = round_record(2, 0, "failed", None);
+        r.privacy_json = Some(r#"{"c1":{"epsilon":1.5}}"#.into());
+        store.commit_round("r", &r, &[]).unwrap();
+        assert_eq!(store.rounds("r").unwrap()[1].privacy_json, r.privacy_json);
         let v: i64 = store.conn.query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
         assert_eq!(v, SCHEMA_VERSION);
     }

@@ -19,6 +19,10 @@
 //! ranks = [16, 64]
 //! ```
 //!
+//! Privacy sweeps: `dp_epsilons = [1.0, 3.0, 8.0]` runs every configuration once per privacy budget ε (DP-SGD
+//! required of every client, `--dp-epsilon`), plus once without DP unless `dp_non_private = false`; `[local]`
+//! may set `dp_delta` and `dp_max_grad_norm`. The report then has an accuracy-vs-ε table.
+//!
 //! The output folder holds `runs/<name>/` (each run's work folder, `state/metrics.jsonl` among others),
 //! `runs/<name>.log` (its output) and `runs/<name>/sweep-run.json` (its flags, exit and wall time). A run
 //! whose folder shows it completed with the same flags is skipped, so an interrupted sweep resumes; any other
@@ -136,6 +140,10 @@ pub struct LocalOptions {
     pub deadline_secs: Option<u64>,
     /// `--wire-dtype`: f32, bf16 or f16.
     pub wire_dtype: Option<String>,
+    /// `--dp-delta`: δ of DP runs (default: 1/N² of the smallest shard).
+    pub dp_delta: Option<f64>,
+    /// `--dp-max-grad-norm`: per-sample clipping norm C of DP runs.
+    pub dp_max_grad_norm: Option<f64>,
     /// `--model` (relative paths are relative to the sweep file).
     pub model: Option<PathBuf>,
     /// `--train` (relative to the sweep file).
@@ -161,6 +169,8 @@ impl LocalOptions {
             quorum: self.quorum.or(base.quorum),
             deadline_secs: self.deadline_secs.or(base.deadline_secs),
             wire_dtype: self.wire_dtype.clone().or_else(|| base.wire_dtype.clone()),
+            dp_delta: self.dp_delta.or(base.dp_delta),
+            dp_max_grad_norm: self.dp_max_grad_norm.or(base.dp_max_grad_norm),
             model: self.model.clone().or_else(|| base.model.clone()),
             train: self.train.clone().or_else(|| base.train.clone()),
             eval: self.eval.clone().or_else(|| base.eval.clone()),
@@ -188,6 +198,8 @@ impl LocalOptions {
         push("--quorum", self.quorum.map(|v| v.to_string()));
         push("--deadline-secs", self.deadline_secs.map(|v| v.to_string()));
         push("--wire-dtype", self.wire_dtype.clone());
+        push("--dp-delta", self.dp_delta.map(|v| v.to_string()));
+        push("--dp-max-grad-norm", self.dp_max_grad_norm.map(|v| v.to_string()));
         push("--model", self.model.as_ref().map(|p| p.display().to_string()));
         push("--train", self.train.as_ref().map(|p| p.display().to_string()));
         push("--eval", self.eval.as_ref().map(|p| p.display().to_string()));
@@ -225,6 +237,16 @@ impl LocalOptions {
         }
         if self.deadline_secs == Some(0) {
             return Err(bad("deadline_secs", "must be positive"));
+        }
+        if let Some(d) = self.dp_delta
+            && !(d > 0.0 && d < 1.0)
+        {
+            return Err(bad("dp_delta", "must be in (0, 1)"));
+        }
+        if let Some(c) = self.dp_max_grad_norm
+            && !(c.is_finite() && c > 0.0)
+        {
+            return Err(bad("dp_max_grad_norm", "must be a positive number"));
         }
         if let Some(s) = &self.schedule {
             s.parse::<fedsb_common::train::schedule::ScheduleKind>().map_err(|e| bad("schedule", &e.to_string()))?;
@@ -265,6 +287,8 @@ struct SweepFile {
     seeds: Option<Vec<u64>>,
     splits: Option<Vec<String>>,
     dirichlet_alpha: Option<f64>,
+    dp_epsilons: Option<Vec<f64>>,
+    dp_non_private: Option<bool>,
     #[serde(default)]
     local: LocalOptions,
     #[serde(default)]
@@ -290,6 +314,8 @@ pub struct SweepSpec {
     pub splits: Vec<SplitKind>,
     /// Concentration of the Dirichlet split.
     pub dirichlet_alpha: f64,
+    /// Privacy budgets: `Some(ε)` runs with DP-SGD at that budget, `None` without DP (default: `[None]`).
+    pub epsilons: Vec<Option<f64>>,
     /// `[local]`: flags for every run.
     pub local: LocalOptions,
     /// `[method.NAME]` sections.
@@ -369,6 +395,26 @@ impl SweepSpec {
         if !(dirichlet_alpha.is_finite() && dirichlet_alpha > 0.0) {
             return Err(invalid("`dirichlet_alpha` must be a positive number"));
         }
+        let mut epsilons: Vec<Option<f64>> = Vec::new();
+        if let Some(eps) = &f.dp_epsilons {
+            if eps.is_empty() {
+                return Err(invalid("`dp_epsilons` is empty"));
+            }
+            for (i, &e) in eps.iter().enumerate() {
+                if !(e.is_finite() && e > 0.0) {
+                    return Err(invalid(format!("`dp_epsilons`: {e} is not a positive number")));
+                }
+                if eps[..i].contains(&e) {
+                    return Err(invalid(format!("`dp_epsilons` lists {e} twice")));
+                }
+                epsilons.push(Some(e));
+            }
+        } else if f.dp_non_private.is_some() {
+            return Err(invalid("`dp_non_private` needs `dp_epsilons`"));
+        }
+        if f.dp_non_private.unwrap_or(true) {
+            epsilons.push(None);
+        }
         let mut local = f.local;
         local.validate("local", clients)?;
         local.resolve_paths(base);
@@ -403,12 +449,13 @@ impl SweepSpec {
             seeds,
             splits,
             dirichlet_alpha,
+            epsilons,
             local,
             overrides,
         })
     }
 
-    /// The runs, in order: seed, split, method (as listed), rank — every method runs once per split and seed
+    /// The runs, in order: seed, split, method (as listed), rank, privacy budget — every method runs once per split and seed
     /// before the next, so a sweep cut short already compares all methods on the first split.
     pub fn runs(&self) -> Vec<PlannedRun> {
         let mut out = Vec::new();
@@ -419,17 +466,21 @@ impl SweepSpec {
                     let ranks = ov.and_then(|o| o.ranks.clone()).unwrap_or_else(|| self.ranks.clone());
                     let local = ov.map_or_else(|| self.local.clone(), |o| o.local.over(&self.local));
                     for &rank in &ranks {
-                        out.push(PlannedRun {
-                            name: format!("{m}-r{rank}-{}-s{seed}", split.name()),
-                            method: m.clone(),
-                            rank,
-                            split,
-                            seed,
-                            clients: self.clients,
-                            rounds: self.rounds,
-                            dirichlet_alpha: self.dirichlet_alpha,
-                            local: local.clone(),
-                        });
+                        for &dp_epsilon in &self.epsilons {
+                            let eps = dp_epsilon.map_or(String::new(), |e| format!("-eps{e}"));
+                            out.push(PlannedRun {
+                                name: format!("{m}-r{rank}{eps}-{}-s{seed}", split.name()),
+                                method: m.clone(),
+                                rank,
+                                split,
+                                seed,
+                                clients: self.clients,
+                                rounds: self.rounds,
+                                dirichlet_alpha: self.dirichlet_alpha,
+                                dp_epsilon,
+                                local: local.clone(),
+                            });
+                        }
                     }
                 }
             }
@@ -462,6 +513,8 @@ pub struct PlannedRun {
     pub rounds: u64,
     /// Dirichlet α (used when `split` is Dirichlet).
     pub dirichlet_alpha: f64,
+    /// DP-SGD's privacy budget ε (None: no DP).
+    pub dp_epsilon: Option<f64>,
     /// The other `local` flags.
     pub local: LocalOptions,
 }
@@ -484,15 +537,39 @@ impl PlannedRun {
             a.extend(["--dirichlet-alpha".to_string(), self.dirichlet_alpha.to_string()]);
         }
         a.extend(["--seed".to_string(), self.seed.to_string()]);
-        a.extend(self.local.args());
+        if let Some(e) = self.dp_epsilon {
+            a.extend(["--dp-epsilon".to_string(), e.to_string()]);
+        }
+        let mut rest = self.local.args();
+        if self.dp_epsilon.is_none() {
+            // The DP keys of `[local]` only apply to DP runs (`local` refuses them without --dp-epsilon).
+            let mut i = 0;
+            while i < rest.len() {
+                if rest[i] == "--dp-delta" || rest[i] == "--dp-max-grad-norm" {
+                    rest.drain(i..(i + 2).min(rest.len()));
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        a.extend(rest);
         a
+    }
+
+    /// The privacy setting in words: `ε=3` or `non-private`.
+    pub fn privacy_label(&self) -> String {
+        self.dp_epsilon.map_or_else(|| "non-private".into(), |e| format!("ε={e}"))
     }
 
     /// The run's configuration without its seed (legend and summary label), e.g. `fedsb r16 iid`.
     pub fn label(&self) -> String {
-        match self.split {
+        let base = match self.split {
             SplitKind::Iid => format!("{} r{} iid", self.method, self.rank),
             SplitKind::Dirichlet => format!("{} r{} non-IID (α={})", self.method, self.rank, self.dirichlet_alpha),
+        };
+        match self.dp_epsilon {
+            Some(e) => format!("{base} ε={e}"),
+            None => base,
         }
     }
 }
@@ -605,6 +682,9 @@ pub struct MetricsLine {
     /// Payload bytes down per sampled client.
     #[serde(default)]
     pub down_payload_per_client: u64,
+    /// DP-SGD: the largest ε any client had spent after the round.
+    #[serde(default)]
+    pub worst_epsilon: Option<f64>,
 }
 
 /// The evaluation part of a metrics line.
@@ -738,6 +818,8 @@ pub struct RunResult {
     pub total_bytes: u64,
     /// Wall-clock seconds of the run's process.
     pub wall_seconds: Option<f64>,
+    /// DP-SGD: the largest ε any client spent (after the last completed round).
+    pub epsilon_spent: Option<f64>,
 }
 
 /// Reads a run's results from its folder under `out`.
@@ -754,6 +836,7 @@ pub fn load_result(run: &PlannedRun, out: &Path) -> Result<RunResult, SweepError
         init_bytes: None,
         total_bytes: 0,
         wall_seconds: None,
+        epsilon_spent: None,
     };
     if !dir.exists() {
         return Ok(r);
@@ -788,6 +871,7 @@ pub fn load_result(run: &PlannedRun, out: &Path) -> Result<RunResult, SweepError
         });
     }
     r.total_bytes = cumulative;
+    r.epsilon_spent = done.last().and_then(|m| m.worst_epsilon);
     r.final_accuracy = r.rounds.last().and_then(|p| p.accuracy);
     r.best_accuracy = r.rounds.iter().filter_map(|p| p.accuracy).reduce(f64::max);
     if !done.is_empty() {
@@ -819,7 +903,8 @@ fn opt_f(v: Option<f64>, decimals: usize) -> String {
 pub fn results_csv(results: &[RunResult]) -> String {
     let mut o = String::from(
         "name,method,rank,split,seed,status,rounds_planned,rounds_completed,final_accuracy,best_accuracy,\
-         up_bytes_per_client_per_round,down_bytes_per_client_per_round,init_bytes,total_bytes,wall_seconds\n",
+         up_bytes_per_client_per_round,down_bytes_per_client_per_round,init_bytes,total_bytes,wall_seconds,\
+         dp_epsilon_budget,dp_epsilon_spent\n",
     );
     for r in results {
         let row = [
@@ -838,6 +923,8 @@ pub fn results_csv(results: &[RunResult]) -> String {
             opt(r.init_bytes),
             if r.rounds.is_empty() { String::new() } else { r.total_bytes.to_string() },
             opt_f(r.wall_seconds, 2),
+            opt(r.run.dp_epsilon),
+            opt_f(r.epsilon_spent, 4),
         ];
         o.push_str(&row.join(","));
         o.push('\n');
@@ -897,6 +984,7 @@ fn std_dev(v: &[f64]) -> Option<f64> {
 
 /// `results.md`: the setup, a table of the runs, a per-configuration summary over seeds, and the charts.
 pub fn results_markdown(spec: &SweepSpec, results: &[RunResult]) -> String {
+    let has_dp = spec.epsilons.iter().any(Option::is_some);
     let mut o = String::new();
     let _ = writeln!(o, "# Sweep `{}`\n", spec.name);
     let local = spec.local.describe();
@@ -927,10 +1015,14 @@ pub fn results_markdown(spec: &SweepSpec, results: &[RunResult]) -> String {
          | wall |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in results {
+        let name = match (r.run.dp_epsilon, r.epsilon_spent) {
+            (Some(_), Some(e)) => format!("{} (ε spent {e:.3})", r.run.name),
+            _ => r.run.name.clone(),
+        };
         let _ = writeln!(
             o,
             "| {} | {} | {}/{} | {} | {} | {} | {} | {} | {} | {} |",
-            r.run.name,
+            name,
             r.status.name(),
             r.rounds.len(),
             r.run.rounds,
@@ -957,10 +1049,11 @@ pub fn results_markdown(spec: &SweepSpec, results: &[RunResult]) -> String {
             _ => "–".into(),
         };
         let f = |g: &dyn Fn(&RunResult) -> Option<f64>| mean(&with.iter().filter_map(|r| g(r)).collect::<Vec<_>>());
+        let method = if key.3 == "non-private" && !has_dp { key.0.clone() } else { format!("{} ({})", key.0, key.3) };
         let _ = writeln!(
             o,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            key.0,
+            method,
             key.1,
             key.2.name(),
             with.len(),
@@ -971,20 +1064,72 @@ pub fn results_markdown(spec: &SweepSpec, results: &[RunResult]) -> String {
             secs(f(&|r| r.wall_seconds)),
         );
     }
+    if has_dp {
+        o.push_str(&privacy_table(spec, results));
+    }
     o.push_str(
         "\n## Charts\n\n![Accuracy vs round](accuracy_vs_round.svg)\n\n![Accuracy vs cumulative bytes](accuracy_vs_bytes.svg)\n",
     );
     o
 }
 
-/// A run's configuration without its seed: (method, rank, split).
-type ConfigKey = (String, usize, SplitKind);
+/// The accuracy-vs-ε table of a privacy sweep: one row per (method, rank, split), one column per budget
+/// (ascending, then non-private); each cell the mean final accuracy over seeds and, for DP, the worst client's
+/// spent ε.
+fn privacy_table(spec: &SweepSpec, results: &[RunResult]) -> String {
+    let mut eps: Vec<f64> = spec.epsilons.iter().flatten().copied().collect();
+    eps.sort_by(f64::total_cmp);
+    let mut cols: Vec<Option<f64>> = eps.into_iter().map(Some).collect();
+    if spec.epsilons.contains(&None) {
+        cols.push(None);
+    }
+    let mut o = String::from(
+        "\n## Accuracy vs privacy budget\n\nRecord-level DP-SGD on every client (Poisson sampling, per-sample \
+         clipping, Gaussian noise calibrated per client to spend the budget ε in the run's rounds; δ below 1/N). Final \
+         accuracy, mean over seeds; in brackets the largest ε any client actually spent.\n\n| method | rank | split |",
+    );
+    for c in &cols {
+        let _ = write!(o, " {} |", c.map_or_else(|| "non-private".to_string(), |e| format!("ε = {e}")));
+    }
+    o.push_str("\n|---|---:|---|");
+    o.push_str(&"---:|".repeat(cols.len()));
+    o.push('\n');
+    let mut rows: Vec<(String, usize, SplitKind)> = Vec::new();
+    for r in results {
+        let k = (r.run.method.clone(), r.run.rank, r.run.split);
+        if !rows.contains(&k) {
+            rows.push(k);
+        }
+    }
+    for (m, rank, split) in rows {
+        let _ = write!(o, "| {m} | {rank} | {} |", split.name());
+        for c in &cols {
+            let runs: Vec<&RunResult> = results
+                .iter()
+                .filter(|r| r.run.method == m && r.run.rank == rank && r.run.split == split && r.run.dp_epsilon == *c)
+                .collect();
+            let acc: Vec<f64> = runs.iter().filter_map(|r| r.final_accuracy).collect();
+            let spent = runs.iter().filter_map(|r| r.epsilon_spent).reduce(f64::max);
+            let cell = match (mean(&acc), spent) {
+                (Some(a), Some(e)) => format!("{:.2} % ({e:.2})", a * 100.0),
+                (Some(a), None) => format!("{:.2} %", a * 100.0),
+                _ => "–".into(),
+            };
+            let _ = write!(o, " {cell} |");
+        }
+        o.push('\n');
+    }
+    o
+}
 
-/// Results grouped by (method, rank, split), in run order.
+/// A run's configuration without its seed: (method, rank, split, privacy label).
+type ConfigKey = (String, usize, SplitKind, String);
+
+/// Results grouped by (method, rank, split, privacy), in run order.
 fn configurations(results: &[RunResult]) -> Vec<(ConfigKey, Vec<&RunResult>)> {
     let mut groups: Vec<(ConfigKey, Vec<&RunResult>)> = Vec::new();
     for r in results {
-        let key = (r.run.method.clone(), r.run.rank, r.run.split);
+        let key = (r.run.method.clone(), r.run.rank, r.run.split, r.run.privacy_label());
         match groups.iter_mut().find(|(k, _)| *k == key) {
             Some((_, g)) => g.push(r),
             None => groups.push((key, vec![r])),
@@ -1310,6 +1455,50 @@ lr = 0.001
     }
 
     #[test]
+    fn privacy_sweeps_add_a_budget_dimension_and_an_accuracy_vs_epsilon_table() {
+        let spec = parse(
+            "clients = 2\nrounds = 2\nmethods = [\"fedsb\"]\ndp_epsilons = [8.0, 1.0]\n\
+             [local]\ndp_delta = 1e-6\ndp_max_grad_norm = 0.5\n",
+        )
+        .unwrap();
+        let runs = spec.runs();
+        let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["fedsb-r16-eps8-iid-s42", "fedsb-r16-eps1-iid-s42", "fedsb-r16-iid-s42"]);
+        let args = runs[0].local_args().join(" ");
+        assert!(args.contains("--dp-epsilon 8 ") && args.contains("--dp-delta 0.000001"), "{args}");
+        assert!(args.contains("--dp-max-grad-norm 0.5"), "{args}");
+        let plain = runs[2].local_args().join(" ");
+        assert!(!plain.contains("--dp-"), "the non-private run gets no DP flags: {plain}");
+        assert_eq!(runs[1].label(), "fedsb r16 iid ε=1");
+        // Without the non-private run; bad lists are refused.
+        let only = parse("methods = [\"fedsb\"]\ndp_epsilons = [3.0]\ndp_non_private = false").unwrap();
+        assert_eq!(only.runs().len(), 1);
+        assert!(err("methods = [\"fedsb\"]\ndp_epsilons = [0.0]").contains("dp_epsilons"));
+        assert!(err("methods = [\"fedsb\"]\ndp_epsilons = [3.0, 3.0]").contains("twice"));
+        assert!(err("methods = [\"fedsb\"]\ndp_non_private = false").contains("dp_epsilons"));
+        assert!(err("methods = [\"fedsb\"]\n[local]\ndp_delta = 2.0").contains("dp_delta"));
+        // Reports: the spent ε is read from the metrics, and the table has a column per budget.
+        let dir = tempfile::tempdir().unwrap();
+        let with_eps = |acc: f64, eps: Option<f64>| {
+            let mut v: serde_json::Value = serde_json::from_str(&line(2, "completed", acc, 10, 10)).unwrap();
+            if let Some(e) = eps {
+                v["worst_epsilon"] = serde_json::json!(e);
+            }
+            v.to_string()
+        };
+        fake_run(dir.path(), &runs[0], &[line(1, "completed", 0.6, 10, 10), with_eps(0.7, Some(7.95))], true, 1.0);
+        fake_run(dir.path(), &runs[1], &[line(1, "completed", 0.5, 10, 10), with_eps(0.55, Some(0.99))], true, 1.0);
+        fake_run(dir.path(), &runs[2], &[line(1, "completed", 0.7, 10, 10), with_eps(0.8, None)], true, 1.0);
+        let results = write_reports(&spec, dir.path()).unwrap();
+        assert_eq!(results[0].epsilon_spent, Some(7.95));
+        let md = std::fs::read_to_string(dir.path().join("results.md")).unwrap();
+        assert!(md.contains("| method | rank | split | ε = 1 | ε = 8 | non-private |"), "{md}");
+        assert!(md.contains("| fedsb | 16 | iid | 55.00 % (0.99) | 70.00 % (7.95) | 80.00 % |"), "{md}");
+        let csv = std::fs::read_to_string(dir.path().join("results.csv")).unwrap();
+        assert!(csv.lines().nth(1).unwrap().ends_with(",8,7.9500"), "{csv}");
+    }
+
+    #[test]
     fn run_states_drive_skip_and_rerun() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path();
@@ -1392,13 +1581,16 @@ lr = 0.001
         assert_eq!(rows.len(), 5);
         assert!(rows[0].starts_with("name,method,rank,split,seed,status,"));
         // Two clients, 100 up and 200 down each, two rounds; no ledger here, so no init bytes.
-        assert_eq!(rows[1], "fedsb-r16-iid-s42,fedsb,16,iid,42,completed,2,2,0.800000,0.800000,100,200,,1200,12.40");
-        assert_eq!(rows[2], "fedit-r16-iid-s42,fedit,16,iid,42,incomplete,2,1,0.550000,0.550000,5000,5000,,20000,3.00");
+        assert_eq!(rows[1], "fedsb-r16-iid-s42,fedsb,16,iid,42,completed,2,2,0.800000,0.800000,100,200,,1200,12.40,,");
+        assert_eq!(
+            rows[2],
+            "fedit-r16-iid-s42,fedit,16,iid,42,incomplete,2,1,0.550000,0.550000,5000,5000,,20000,3.00,,"
+        );
         assert_eq!(
             rows[3],
-            "fedsb-r16-dirichlet-s42,fedsb,16,dirichlet,42,completed,2,2,0.650000,0.700000,100,200,,1200,10.00"
+            "fedsb-r16-dirichlet-s42,fedsb,16,dirichlet,42,completed,2,2,0.650000,0.700000,100,200,,1200,10.00,,"
         );
-        assert_eq!(rows[4], "fedit-r16-dirichlet-s42,fedit,16,dirichlet,42,not run,2,0,,,,,,,");
+        assert_eq!(rows[4], "fedit-r16-dirichlet-s42,fedit,16,dirichlet,42,not run,2,0,,,,,,,,,");
 
         let rounds = std::fs::read_to_string(out.join("rounds.csv")).unwrap();
         let rows: Vec<&str> = rounds.lines().collect();

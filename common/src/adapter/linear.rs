@@ -213,6 +213,7 @@ impl AdaptedLinear {
         };
         let side = match &self.adapter {
             None => return Ok(base),
+            Some(adapter) if crate::dp::per_sample::active() => self.per_sample_side(x, adapter)?,
             Some(Adapter::LoraSb { a, b, r }) => {
                 let h = ops::frozen_matmul(x, a)?;
                 let h = h.broadcast_matmul(&r.as_tensor().t()?)?;
@@ -229,6 +230,52 @@ impl AdaptedLinear {
         };
         let side = if self.scale == 1.0 { side } else { (side * self.scale)? };
         Ok((base + side)?)
+    }
+
+    /// The adapter path with per-sample copies of the trainable tensors (DP-SGD, see [`crate::dp::per_sample`]):
+    /// sample `i` of `x` (`[n, ..., d_in]`) goes through its own copy, so one backward pass gives every sample's
+    /// gradient. Tensors without a copy are used as they are.
+    fn per_sample_side(&self, x: &Tensor, adapter: &Adapter) -> Result<Tensor> {
+        use crate::dp::per_sample::per_sample;
+        let dims = x.dims().to_vec();
+        let (n, d_in) = (dims[0], *dims.last().unwrap_or(&0));
+        let rows = x.elem_count() / (n * d_in).max(1);
+        let x3 = x.contiguous()?.reshape((n, rows, d_in))?;
+        // `h · Mᵀ` with M either shared `[o, i]` (frozen or not copied) or per-sample `[n, o, i]`.
+        let apply = |h: &Tensor, m: &Tensor, copy: Option<Tensor>| -> Result<Tensor> {
+            Ok(match copy {
+                Some(c) => {
+                    if c.dims()[0] != n {
+                        return Err(Error::tensor(
+                            &self.name,
+                            format!("per-sample copy for {} samples, batch has {n}", c.dims()[0]),
+                        ));
+                    }
+                    h.matmul(&c.transpose(1, 2)?)?
+                }
+                None => ops::frozen_matmul(h, m)?,
+            })
+        };
+        let side = match adapter {
+            Adapter::LoraSb { a, b, r } => {
+                let h = ops::frozen_matmul(&x3, a)?;
+                let h = apply(&h, r.as_tensor(), per_sample(r))?;
+                ops::frozen_matmul(&h, b)?
+            }
+            Adapter::Lora { a, b } => {
+                let h = apply(&x3, a.as_tensor(), per_sample(a))?;
+                apply(&h, b.as_tensor(), per_sample(b))?
+            }
+            Adapter::FfaLora { a, b } => {
+                let h = ops::frozen_matmul(&x3, a)?;
+                apply(&h, b.as_tensor(), per_sample(b))?
+            }
+        };
+        let mut out = dims;
+        if let Some(last) = out.last_mut() {
+            *last = self.dims().0;
+        }
+        Ok(side.reshape(out)?)
     }
 
     /// The trainable tensors, with their stable names.

@@ -284,6 +284,12 @@ impl BertClassifier {
 
     /// Logits of pooled features `[b, hidden]`.
     pub fn head_logits(&self, pooled: &Tensor) -> Result<Tensor> {
+        use crate::dp::per_sample::per_sample;
+        if let (Some(w), Some(b)) = (per_sample(&self.head_w), per_sample(&self.head_b)) {
+            // DP-SGD: sample i uses its own copy of the head (see `crate::dp::per_sample`).
+            let logits = pooled.unsqueeze(1)?.matmul(&w.transpose(1, 2)?)?.squeeze(1)?;
+            return Ok((logits + b)?);
+        }
         Ok(pooled.matmul(&self.head_w.as_tensor().t()?)?.broadcast_add(self.head_b.as_tensor())?)
     }
 }

@@ -244,9 +244,21 @@ impl LlamaModel {
     /// target for position `i`, i.e. already shifted). Returns the mean loss and the number of positions.
     /// Only labelled positions go through the LM head.
     pub fn lm_loss(&self, ids: &Tensor, key_mask: Option<&Tensor>, labels: &[Vec<i64>]) -> Result<(Tensor, usize)> {
+        let (nll, rows) = self.lm_token_nll(ids, key_mask, labels)?;
+        Ok((nll.mean_all()?, rows.len()))
+    }
+
+    /// Negative log-likelihood of every labelled position `[m]`, and the batch row each belongs to.
+    pub fn lm_token_nll(
+        &self,
+        ids: &Tensor,
+        key_mask: Option<&Tensor>,
+        labels: &[Vec<i64>],
+    ) -> Result<(Tensor, Vec<usize>)> {
         let (b, t) = ids.dims2()?;
         let hidden = self.forward_hidden(ids, key_mask, None)?.reshape((b * t, self.cfg.hidden_size))?;
         let mut rows = Vec::new();
+        let mut owners = Vec::new();
         let mut targets = Vec::new();
         for (bi, row) in labels.iter().enumerate() {
             for (i, &l) in row.iter().enumerate().take(t) {
@@ -255,6 +267,7 @@ impl LlamaModel {
                         return Err(crate::Error::Data(format!("label {l} is outside the vocabulary")));
                     }
                     rows.push((bi * t + i) as u32);
+                    owners.push(bi);
                     targets.push(l as u32);
                 }
             }
@@ -262,12 +275,10 @@ impl LlamaModel {
         if rows.is_empty() {
             return Err(crate::Error::Data("batch has no labelled position".into()));
         }
-        let n = rows.len();
         let sel = hidden.index_select(&Tensor::new(rows, self.device())?, 0)?;
         let logits = self.logits(&sel)?;
         let targets = Tensor::new(targets, self.device())?;
-        let loss = cross_entropy(&logits, &targets)?;
-        Ok((loss, n))
+        Ok((token_nll(&logits, &targets)?, owners))
     }
 
     /// Next-token logits `[b, vocab]` of the last position, using and extending `cache`.
@@ -280,9 +291,14 @@ impl LlamaModel {
 
 /// Mean cross-entropy of `logits` `[n, c]` against class ids `targets` `[n]` (u32).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    Ok(token_nll(logits, targets)?.mean_all()?)
+}
+
+/// Cross-entropy of each row of `logits` `[n, c]` against class ids `targets` `[n]` (u32): `[n]`.
+pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let logp = ops::log_softmax_last_dim(logits)?;
     let picked = logp.gather(&targets.unsqueeze(1)?, D::Minus1)?;
-    Ok(picked.mean_all()?.neg()?)
+    Ok(picked.squeeze(1)?.neg()?)
 }
 
 /// Random weights with Hugging Face names for `cfg` (unit tests; normal with std 0.05, norms 1).

@@ -229,6 +229,38 @@ impl<'m> Trainer<'m> {
         Ok(StepOutcome { loss: loss_sum / k, lr, grad_norm: norm, tokens, samples })
     }
 
+    /// The trainable variables by name, in the order [`Self::apply`] takes their gradients.
+    pub fn vars(&self) -> &[(String, candle_core::Var)] {
+        &self.vars
+    }
+
+    /// The model being trained.
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    /// One optimizer step with gradients computed elsewhere (DP-SGD's noisy clipped mean, see
+    /// [`crate::dp::sgd`]): one per variable of [`Self::vars`], same shapes, all finite. No clipping is applied
+    /// here. Returns the step number and the learning rate used; on error nothing is updated.
+    pub fn apply(&mut self, grads: Vec<Tensor>) -> Result<(usize, f64)> {
+        if grads.len() != self.vars.len() {
+            return Err(Error::Numerics(format!("{} gradients for {} variables", grads.len(), self.vars.len())));
+        }
+        let step = self.step + 1;
+        let mut store = GradStore::default();
+        for ((name, var), g) in self.vars.iter().zip(grads) {
+            if g.dims() != var.dims() {
+                return Err(Error::tensor(name, format!("gradient {:?}, variable {:?}", g.dims(), var.dims())));
+            }
+            store.insert(var.as_tensor(), g);
+        }
+        let lr = self.schedule.lr(step);
+        self.opt.set_learning_rate(lr);
+        self.opt.step(&store)?;
+        self.step = step;
+        Ok((step, lr))
+    }
+
     /// Time since the trainer was made.
     pub fn elapsed(&self) -> Duration {
         self.start.elapsed()
