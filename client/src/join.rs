@@ -478,7 +478,8 @@ async fn session(a: JoinArgs) -> Result<()> {
                     task_id: t.task_id.clone(),
                     num_examples: local.len() as u64,
                     steps: summary_t.steps as u32,
-                    train_loss: summary_t.final_loss,
+                    // NaN only when every Poisson batch of the round was empty (DP-SGD on tiny data).
+                    train_loss: if summary_t.final_loss.is_finite() { summary_t.final_loss } else { 0.0 },
                     blob: Some(pb::BlobRef { sha256: blob.sha256.clone(), size: blob.bytes.len() as u64 }),
                     frozen_sha256: base_chain_sha256(&frozen_sha256, &folded),
                     dp: dp_report.as_ref().map(dp_report_to_pb),

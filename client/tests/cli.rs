@@ -105,3 +105,73 @@ fn bench_json_prints_the_promised_fields() {
     let init = lines.iter().find(|l| l["what"] == "lora_sb_init").expect("an init line");
     assert_eq!(init["matrices"], 24);
 }
+
+/// `fedsb-client privacy` against the real Opacus 1.5.2 (its RDP accountant's outputs, recorded by
+/// scripts/opacus-vectors.py): the last line is a plain number, within 1e-4 of Opacus; a live check on random
+/// inputs is scripts/check-privacy-cli.py.
+#[test]
+fn privacy_commands_agree_with_opacus() {
+    let v: serde_json::Value =
+        serde_json::from_str(include_str!("../../common/tests/data/opacus_rdp_vectors.json")).unwrap();
+    let last_number = |out: std::process::Output| -> f64 {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        text.lines().last().unwrap().trim().parse().unwrap_or_else(|e| panic!("{e}: {text}"))
+    };
+    let mut checked = 0;
+    // Single-history cases (what the command takes), every 10th.
+    for c in v["epsilon_cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["history"].as_array().unwrap().len() == 1)
+        .step_by(10)
+    {
+        let (Some(eps), Some(h)) = (c["eps"].as_f64(), c["history"][0].as_array()) else { continue };
+        let (sigma, q, steps) = (h[0].as_f64().unwrap(), h[1].as_f64().unwrap(), h[2].as_u64().unwrap());
+        if !eps.is_finite() || steps == 0 {
+            continue;
+        }
+        let out = client()
+            .args(["privacy", "epsilon", "--sample-rate", &q.to_string(), "--noise-multiplier", &sigma.to_string()])
+            .args(["--steps", &steps.to_string(), "--delta", &c["delta"].as_f64().unwrap().to_string()])
+            .output()
+            .unwrap();
+        let got = last_number(out);
+        assert!((got - eps).abs() <= 1e-4 * eps.max(1.0), "q {q} σ {sigma} T {steps}: {got} vs Opacus {eps}");
+        checked += 1;
+    }
+    for c in v["noise_cases"].as_array().unwrap().iter().step_by(4) {
+        let Some(sigma) = c["sigma"].as_f64() else { continue };
+        let out = client()
+            .args(["privacy", "noise", "--target-epsilon", &c["target_epsilon"].as_f64().unwrap().to_string()])
+            .args(["--delta", &c["delta"].as_f64().unwrap().to_string(), "--sample-rate"])
+            .arg(c["q"].as_f64().unwrap().to_string())
+            .args(["--steps", &c["steps"].as_u64().unwrap().to_string(), "--epsilon-tolerance"])
+            .arg(c["epsilon_tolerance"].as_f64().unwrap().to_string())
+            .output()
+            .unwrap();
+        let got = last_number(out);
+        assert!((got - sigma).abs() <= 1e-4 * sigma.max(1.0), "{c}: {got} vs Opacus {sigma}");
+        checked += 1;
+    }
+    assert!(checked >= 30, "only {checked} cases checked");
+    // Bad input: a clear error, non-zero exit.
+    let out = client()
+        .args([
+            "privacy",
+            "epsilon",
+            "--sample-rate",
+            "1.5",
+            "--noise-multiplier",
+            "1",
+            "--steps",
+            "10",
+            "--delta",
+            "1e-5",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sample"), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -381,7 +381,7 @@ impl Service {
         };
         let expected_batch = self.c.spec.local.batch_size * self.c.spec.local.grad_accum;
         dp_report_from_pb(d)
-            .verify(spec, h.num_examples, expected_batch)
+            .verify(spec, h.num_examples, expected_batch, h.steps as u64)
             .map_err(|e| Status::failed_precondition(e.to_string()))
     }
 }

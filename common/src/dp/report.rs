@@ -106,11 +106,12 @@ fn close(a: f64, b: f64, rel: f64) -> bool {
 }
 
 impl DpReport {
-    /// The coordinator's check of a report for an update trained on `num_examples` examples with expected
-    /// batch `expected_batch`: it matches the run's spec (C, δ, σ if fixed), δ < 1/N, q = L/N, the noise was
-    /// secure, and ε — recomputed here from (q, σ, steps, δ), not taken on trust — equals the reported one and
-    /// is within the budget.
-    pub fn verify(&self, spec: &DpSpec, num_examples: u64, expected_batch: usize) -> Result<()> {
+    /// The coordinator's check of a report for an update of `update_steps` local steps trained on
+    /// `num_examples` examples with expected batch `expected_batch`: it matches the run's spec (C, δ, σ if
+    /// fixed), δ < 1/N, q = L/N, the noise was secure, it charges at least the update's own steps, and ε —
+    /// recomputed here from (q, σ, steps, δ), not taken on trust — equals the reported one and is within the
+    /// budget.
+    pub fn verify(&self, spec: &DpSpec, num_examples: u64, expected_batch: usize, update_steps: u64) -> Result<()> {
         let bad = |m: String| Err(Error::Config(format!("DP report refused: {m}")));
         for (what, v) in [
             ("epsilon", self.epsilon),
@@ -151,8 +152,11 @@ impl DpReport {
         if !self.secure_noise && !spec.allow_insecure_noise {
             return bad("the noise came from the seeded test generator".into());
         }
-        if self.steps == 0 {
-            return bad("no DP-SGD step was charged".into());
+        if self.steps == 0 || self.steps < update_steps {
+            return bad(format!(
+                "the report charges {} DP-SGD steps but this update alone took {update_steps}",
+                self.steps
+            ));
         }
         let (eps, _) = epsilon_for(self.sample_rate, self.noise_multiplier, self.steps, self.delta)?;
         if !close(self.epsilon, eps, 1e-6) {
@@ -345,7 +349,7 @@ mod tests {
         let mut p = ClientPrivacy::plan("r", &spec(), 2000, 32, 40).unwrap();
         p.charge(1, 40).unwrap();
         let good = p.report(true).unwrap();
-        good.verify(&spec(), 2000, 32).unwrap();
+        good.verify(&spec(), 2000, 32, 40).unwrap();
         let cases: Vec<(DpReport, &str)> = vec![
             (DpReport { epsilon: good.epsilon / 2.0, ..good.clone() }, "gives ε"),
             (DpReport { max_grad_norm: 1.0, ..good.clone() }, "clipping norm"),
@@ -356,17 +360,20 @@ mod tests {
             (DpReport { epsilon: f64::NAN, ..good.clone() }, "NaN"),
         ];
         for (r, needle) in cases {
-            let e = r.verify(&spec(), 2000, 32).unwrap_err().to_string();
+            let e = r.verify(&spec(), 2000, 32, 40).unwrap_err().to_string();
             assert!(e.contains(needle), "{needle}: {e}");
         }
         // Over budget: more steps than the calibration allowed.
         let mut over = p.clone();
         over.charge(2, 400).unwrap();
-        let e = over.report(true).unwrap().verify(&spec(), 2000, 32).unwrap_err().to_string();
+        let e = over.report(true).unwrap().verify(&spec(), 2000, 32, 40).unwrap_err().to_string();
         assert!(e.contains("exceeds the run's budget"), "{e}");
+        // Fewer steps charged than the update took.
+        let e = good.verify(&spec(), 2000, 32, 41).unwrap_err().to_string();
+        assert!(e.contains("this update alone took 41"), "{e}");
         // δ ≥ 1/N for a client with fewer examples.
-        assert!(good.verify(&spec(), 50_000_000, 32).is_err());
+        assert!(good.verify(&spec(), 50_000_000, 32, 40).is_err());
         let small = DpSpec { delta: 1e-2, ..spec() };
-        assert!(DpReport { delta: 1e-2, ..good }.verify(&small, 2000, 32).unwrap_err().to_string().contains("1/N"));
+        assert!(DpReport { delta: 1e-2, ..good }.verify(&small, 2000, 32, 40).unwrap_err().to_string().contains("1/N"));
     }
 }
