@@ -15,6 +15,7 @@ pub mod comm;
 pub mod dp;
 pub mod error;
 pub mod export;
+pub mod kernels;
 pub mod model;
 pub mod ops;
 pub mod spec;

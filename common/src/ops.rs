@@ -89,8 +89,28 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(y.reshape(out_shape)?)
 }
 
-/// A frozen linear layer: `x · wᵀ + b`, gradient for `x` only.
+/// A frozen linear layer: `x · wᵀ + b`, gradient for `x` only (on CPU f32 the bias is fused into the GEMM).
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    if let Some(b) = b
+        && crate::kernels::applies(x)
+        && w.dtype() == DType::F32
+        && b.dtype() == DType::F32
+    {
+        let dims = x.dims();
+        let in_dim = *dims.last().ok_or_else(|| crate::Error::tensor("x", "scalar input to a linear layer"))?;
+        let (out_dim, w_in) = w.dims2()?;
+        if w_in != in_dim || b.dims() != [out_dim] {
+            return Err(crate::Error::tensor(
+                "linear",
+                format!("input has {in_dim} features, weight {:?}, bias {:?}", w.dims(), b.dims()),
+            ));
+        }
+        let rows = x.elem_count() / in_dim.max(1);
+        let y = crate::kernels::frozen_linear(&x.reshape((rows, in_dim))?, w, b)?;
+        let mut out_shape = dims[..dims.len() - 1].to_vec();
+        out_shape.push(out_dim);
+        return Ok(y.reshape(out_shape)?);
+    }
     let y = frozen_matmul(x, w)?;
     match b {
         Some(b) => Ok(y.broadcast_add(b)?),
@@ -98,8 +118,11 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     }
 }
 
-/// Softmax over the last dimension (differentiable composite).
+/// Softmax over the last dimension (a fused kernel with backward on CPU f32, else the differentiable composite).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if crate::kernels::applies(x) {
+        return Ok(crate::kernels::softmax_last_dim(x)?);
+    }
     Ok(candle_nn::ops::softmax(x, D::Minus1)?)
 }
 
@@ -108,18 +131,27 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::log_softmax(x, D::Minus1)?)
 }
 
-/// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) · w`.
+/// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) · w`, `w` frozen (no gradient for it).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::kernels::applies(x) && w.dtype() == DType::F32 {
+        return Ok(crate::kernels::rms_norm(x, w, eps)?);
+    }
     Ok(candle_nn::ops::rms_norm_slow(x, w, eps as f32)?)
 }
 
-/// LayerNorm over the last dimension: `(x − mean) / sqrt(var + eps) · w + b`.
+/// LayerNorm over the last dimension: `(x − mean) / sqrt(var + eps) · w + b`, `w` and `b` frozen.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::kernels::applies(x) && w.dtype() == DType::F32 && b.dtype() == DType::F32 {
+        return Ok(crate::kernels::layer_norm(x, w, b, eps)?);
+    }
     Ok(candle_nn::ops::layer_norm_slow(x, w, b, eps as f32)?)
 }
 
 /// Exact (erf) GELU, as BERT uses.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if crate::kernels::applies(x) {
+        return Ok(crate::kernels::gelu_erf(x)?);
+    }
     Ok(x.gelu_erf()?)
 }
 
