@@ -452,6 +452,474 @@ thread_local! {
     static OFF_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Cross-entropy of each row of `logits` `[m, c]` against class ids `[m]` (u32): `[m]`, the negative
+/// log-softmax at the target, in one pass per row (no `[m, c]` log-softmax is kept: for a language model's
+/// vocabulary that is the largest tensor of the step). Backward: `g_i · (softmax_i − onehot(t_i))`.
+struct TokenNll;
+
+fn targets_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
+    let CpuStorage::U32(v) = s else { candle_core::bail!("cross-entropy: targets must be u32") };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("cross-entropy: targets must be contiguous"),
+    }
+}
+
+/// `log Σ exp(x)` of a row, stably.
+#[inline]
+fn log_sum_exp(x: &[f32]) -> f32 {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    max + x.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
+}
+
+impl CustomOp2 for TokenNll {
+    fn name(&self) -> &'static str {
+        "fedsb-token-nll"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "cross-entropy")?;
+        let t = targets_slice(s2, l2)?;
+        let (m, c) = l1.shape().dims2()?;
+        if t.len() != m {
+            candle_core::bail!("cross-entropy: {m} rows but {} targets", t.len());
+        }
+        if let Some(bad) = t.iter().find(|&&t| t as usize >= c) {
+            candle_core::bail!("cross-entropy: target {bad} outside {c} classes");
+        }
+        let mut out = vec![0f32; m];
+        out.par_iter_mut().zip(x.par_chunks(c.max(1))).zip(t.par_iter()).for_each(|((o, row), &t)| {
+            *o = log_sum_exp(row) - row[t as usize];
+        });
+        Ok((CpuStorage::F32(out), Shape::from(m)))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = logits.apply_op3_no_bwd(targets, &grad.contiguous()?, &TokenNllGrad)?;
+        Ok((Some(g), None))
+    }
+}
+
+/// `g_i · (softmax(x_i) − onehot(t_i))`.
+struct TokenNllGrad;
+
+impl CustomOp3 for TokenNllGrad {
+    fn name(&self) -> &'static str {
+        "fedsb-token-nll-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "cross-entropy grad")?;
+        let t = targets_slice(s2, l2)?;
+        let g = f32_slice(s3, l3, "cross-entropy grad")?;
+        let (_, c) = l1.shape().dims2()?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(c.max(1)).zip(x.par_chunks(c.max(1))).zip(t.par_iter().zip(g.par_iter())).for_each(
+            |((o, row), (&t, &g))| {
+                let lse = log_sum_exp(row);
+                for (o, &v) in o.iter_mut().zip(row) {
+                    *o = g * (v - lse).exp();
+                }
+                o[t as usize] -= g;
+            },
+        );
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Cross-entropy of each row of `logits` `[m, c]` against `targets` `[m]` (u32), as `[m]` (CPU f32).
+pub fn token_nll(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    logits.contiguous()?.apply_op2(&targets.contiguous()?, TokenNll)
+}
+
+/// SwiGLU's gate `silu(g) · u` (`g`, `u` of one shape).
+struct SiluMul;
+
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "fedsb-silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, u) = (f32_slice(s1, l1, "silu·gate")?, f32_slice(s2, l2, "silu·gate")?);
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("silu·gate: gate {:?} but up {:?}", l1.shape(), l2.shape());
+        }
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(o, (g, u))| {
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = g * sigmoid(g) * u;
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = grad.contiguous()?;
+        let dg = g.apply_op3_no_bwd(u, &dy, &SiluMulGradGate)?;
+        let du = g.apply_op2_no_bwd(&dy, &SiluMulGradUp)?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+/// `∂/∂g = dy · u · σ(g)·(1 + g·(1 − σ(g)))`.
+struct SiluMulGradGate;
+
+impl CustomOp3 for SiluMulGradGate {
+    fn name(&self) -> &'static str {
+        "fedsb-silu-mul-grad-gate"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, u, dy) =
+            (f32_slice(s1, l1, "silu grad")?, f32_slice(s2, l2, "silu grad")?, f32_slice(s3, l3, "silu grad")?);
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))).for_each(
+            |(o, (g, (u, dy)))| {
+                for (((o, &g), &u), &d) in o.iter_mut().zip(g).zip(u).zip(dy) {
+                    let sg = sigmoid(g);
+                    *o = d * u * sg * (1.0 + g * (1.0 - sg));
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `∂/∂u = dy · silu(g)`.
+struct SiluMulGradUp;
+
+impl CustomOp2 for SiluMulGradUp {
+    fn name(&self) -> &'static str {
+        "fedsb-silu-mul-grad-up"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, dy) = (f32_slice(s1, l1, "silu grad")?, f32_slice(s2, l2, "silu grad")?);
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))).for_each(|(o, (g, dy))| {
+            for ((o, &g), &d) in o.iter_mut().zip(g).zip(dy) {
+                *o = d * g * sigmoid(g);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// RoPE in the rotate-half layout: for each `[b, h, t]` row `x = (x1, x2)`, `(x1·c − x2·s, x2·c + x1·s)` with
+/// `c, s` `[t, d/2]`; `inverse` rotates the other way, which is also the backward.
+struct Rope {
+    inverse: bool,
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "fedsb-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, cos, sin) = (f32_slice(s1, l1, "rope")?, f32_slice(s2, l2, "rope")?, f32_slice(s3, l3, "rope")?);
+        let (_, _, t, d) = l1.shape().dims4()?;
+        let half = d / 2;
+        if d % 2 != 0 || l2.shape().dims() != [t, half] || l3.shape().dims() != [t, half] {
+            candle_core::bail!("rope: x {:?}, cos {:?}, sin {:?}", l1.shape(), l2.shape(), l3.shape());
+        }
+        let sign = if self.inverse { -1.0f32 } else { 1.0 };
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().for_each(|(row, (o, x))| {
+            let p = row % t;
+            let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+            for i in 0..half {
+                let (x1, x2, si) = (x[i], x[i + half], sign * s[i]);
+                o[i] = x1 * c[i] - x2 * si;
+                o[i + half] = x2 * c[i] + x1 * si;
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = grad.contiguous()?.apply_op3_no_bwd(cos, sin, &Rope { inverse: !self.inverse })?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// Scaled dot-product attention in one op, parallel over (batch, kv head): `softmax(Q·Kᵀ·scale + mask)·V`
+/// for `q` `[b, h, t, d]`, `k`/`v` `[b, h_kv, s, d]` (grouped-query when `h_kv < h`) and an optional additive
+/// mask `[b, t, s]` (the same for every head). Backward recomputes the probabilities (one small GEMM) instead
+/// of keeping them, and gives `dQ`, `dK`, `dV` in one pass.
+struct Attention {
+    scale: f32,
+    /// `[b, t, s]`, row-major.
+    mask: Option<std::sync::Arc<Vec<f32>>>,
+}
+
+/// Dimensions of an attention call.
+#[derive(Clone, Copy)]
+struct AttnDims {
+    b: usize,
+    h: usize,
+    hkv: usize,
+    t: usize,
+    s: usize,
+    d: usize,
+}
+
+impl Attention {
+    fn dims(q: &Layout, k: &Layout, v: &Layout) -> candle_core::Result<AttnDims> {
+        let (b, h, t, d) = q.shape().dims4()?;
+        let (b2, hkv, s, d2) = k.shape().dims4()?;
+        if b2 != b || d2 != d || v.shape() != k.shape() || hkv == 0 || h % hkv != 0 {
+            candle_core::bail!("attention: q {:?}, k {:?}, v {:?}", q.shape(), k.shape(), v.shape());
+        }
+        Ok(AttnDims { b, h, hkv, t, s, d })
+    }
+
+    /// The probabilities `[t, s]` of query head `qh` of batch `bi` into `p`.
+    fn probs(&self, dm: AttnDims, bi: usize, q: &[f32], k: &[f32], p: &mut [f32]) {
+        let AttnDims { t, s, d, .. } = dm;
+        // SAFETY: q is t×d, k is s×d (read as kᵀ: d×s), p is t×s.
+        unsafe { gemm_into(p, (t, s, d), false, q, (d, 1), k, (1, d), 1) };
+        for (i, row) in p.chunks_mut(s).enumerate() {
+            let m = self.mask.as_ref().map(|m| &m[(bi * t + i) * s..(bi * t + i + 1) * s]);
+            let mut max = f32::NEG_INFINITY;
+            for (j, x) in row.iter_mut().enumerate() {
+                *x = *x * self.scale + m.map_or(0.0, |m| m[j]);
+                max = max.max(*x);
+            }
+            let mut sum = 0f32;
+            for x in row.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fedsb-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (q, k, v) =
+            (f32_slice(s1, l1, "attention")?, f32_slice(s2, l2, "attention")?, f32_slice(s3, l3, "attention")?);
+        let dm = Self::dims(l1, l2, l3)?;
+        let AttnDims { b, h, hkv, t, s, d } = dm;
+        if self.mask.as_ref().is_some_and(|m| m.len() != b * t * s) {
+            candle_core::bail!("attention: mask does not match [{b}, {t}, {s}]");
+        }
+        let g = h / hkv;
+        let mut out = vec![0f32; b * h * t * d];
+        out.par_chunks_mut(t * d).enumerate().for_each_init(
+            || vec![0f32; t * s],
+            |p, (bh, o)| {
+                let (bi, qh) = (bh / h, bh % h);
+                let kvh = bi * hkv + qh / g;
+                let qs = &q[bh * t * d..(bh + 1) * t * d];
+                let (ks, vs) = (&k[kvh * s * d..(kvh + 1) * s * d], &v[kvh * s * d..(kvh + 1) * s * d]);
+                self.probs(dm, bi, qs, ks, p);
+                // SAFETY: p is t×s, vs is s×d, o is t×d.
+                unsafe { gemm_into(o, (t, d, s), false, p, (s, 1), vs, (d, 1), 1) };
+            },
+        );
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // One op computes dQ, dK and dV into one buffer; split it here.
+        let dy = grad.contiguous()?;
+        let packed = q.apply_op3_no_bwd(
+            k,
+            &Tensor::cat(&[&v.flatten_all()?, &dy.flatten_all()?], 0)?,
+            &AttentionGrad { fwd: Attention { scale: self.scale, mask: self.mask.clone() } },
+        )?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        let dq = packed.narrow(0, 0, nq)?.reshape(q.shape())?;
+        let dk = packed.narrow(0, nq, nk)?.reshape(k.shape())?;
+        let dv = packed.narrow(0, nq + nk, nk)?.reshape(v.shape())?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// The backward of [`Attention`]: inputs q, k and `[v ‖ dy]` flattened; output `[dq ‖ dk ‖ dv]` flattened.
+struct AttentionGrad {
+    fwd: Attention,
+}
+
+impl CustomOp3 for AttentionGrad {
+    fn name(&self) -> &'static str {
+        "fedsb-attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (q, k, vdy) = (
+            f32_slice(s1, l1, "attention grad")?,
+            f32_slice(s2, l2, "attention grad")?,
+            f32_slice(s3, l3, "attention grad")?,
+        );
+        let dm = Attention::dims(l1, l2, l2)?;
+        let AttnDims { b, h, hkv, t, s, d } = dm;
+        let (nq, nk) = (q.len(), k.len());
+        if vdy.len() != nk + nq {
+            candle_core::bail!("attention grad: packed v and dy have {} values, expected {}", vdy.len(), nk + nq);
+        }
+        let (v, dy) = vdy.split_at(nk);
+        let g = h / hkv;
+        let scale = self.fwd.scale;
+        let mut out = vec![0f32; nq + 2 * nk];
+        let (dq_all, dkv) = out.split_at_mut(nq);
+        let (dk_all, dv_all) = dkv.split_at_mut(nk);
+        // One task per (batch, kv head): it owns that head's dK and dV and its group's dQ.
+        dq_all
+            .par_chunks_mut(g * t * d)
+            .zip(dk_all.par_chunks_mut(s * d).zip(dv_all.par_chunks_mut(s * d)))
+            .enumerate()
+            .for_each(|(bk, (dq_g, (dk, dv)))| {
+                let bi = bk / hkv;
+                let (ks, vs) = (&k[bk * s * d..(bk + 1) * s * d], &v[bk * s * d..(bk + 1) * s * d]);
+                let mut p = vec![0f32; t * s];
+                let mut dp = vec![0f32; t * s];
+                for gi in 0..g {
+                    let bh = bk * g + gi;
+                    let qs = &q[bh * t * d..(bh + 1) * t * d];
+                    let dys = &dy[bh * t * d..(bh + 1) * t * d];
+                    self.fwd.probs(dm, bi, qs, ks, &mut p);
+                    // SAFETY (all four): row-major buffers of the stated sizes; transposes by strides.
+                    // dV += Pᵀ·dY   (s×t · t×d)
+                    unsafe { gemm_into(dv, (s, d, t), gi > 0, &p, (1, s), dys, (d, 1), 1) };
+                    // dP = dY·Vᵀ    (t×d · d×s)
+                    unsafe { gemm_into(&mut dp, (t, s, d), false, dys, (d, 1), vs, (1, d), 1) };
+                    // dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
+                    for (pr, dr) in p.chunks(s).zip(dp.chunks_mut(s)) {
+                        let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                        for (x, &pv) in dr.iter_mut().zip(pr) {
+                            *x = pv * (*x - dot) * scale;
+                        }
+                    }
+                    // dQ = dS·K     (t×s · s×d)
+                    let dq = &mut dq_g[gi * t * d..(gi + 1) * t * d];
+                    unsafe { gemm_into(dq, (t, d, s), false, &dp, (s, 1), ks, (d, 1), 1) };
+                    // dK += dSᵀ·Q   (s×t · t×d)
+                    unsafe { gemm_into(dk, (s, d, t), gi > 0, &dp, (1, s), qs, (d, 1), 1) };
+                }
+            });
+        let n = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+}
+
+/// Scaled dot-product attention (CPU f32): `q` `[b, h, t, d]`, `k`/`v` `[b, h_kv, s, d]`, `mask` an additive
+/// `[b, 1, t, s]` (or `[b, t, s]`) mask shared by the heads.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> candle_core::Result<Tensor> {
+    let mask = match mask {
+        Some(m) => Some(std::sync::Arc::new(m.contiguous()?.flatten_all()?.to_vec1::<f32>()?)),
+        None => None,
+    };
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Attention { scale: scale as f32, mask })
+}
+
+/// `silu(gate) · up` (CPU f32).
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)
+}
+
+/// RoPE, rotate-half layout: `x` `[b, h, t, d]`, `cos`/`sin` `[t, d/2]` (CPU f32; no gradient for the tables).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { inverse: false })
+}
+
 /// Whether the fused kernels apply: f32 on the CPU, not switched off by `FEDSB_KERNELS=off` (every op then uses
 /// candle's composite ops: for comparisons and as an escape hatch), nor on this thread by [`without`].
 pub fn applies(t: &Tensor) -> bool {
@@ -696,6 +1164,98 @@ mod tests {
                 assert!(d < 1e-4, "classifier={classifier}: {name} differs by {d}");
             }
         }
+    }
+
+    #[test]
+    fn token_nll_matches_log_softmax_and_gather() {
+        let composite = |x: &Tensor, t: &Tensor| {
+            let logp = candle_nn::ops::log_softmax(x, D::Minus1).unwrap();
+            logp.gather(&t.unsqueeze(1).unwrap(), D::Minus1).unwrap().squeeze(1).unwrap().neg().unwrap()
+        };
+        for (m, c) in [(1usize, 2usize), (7, 13), (64, 3000)] {
+            let x = randn(&[m, c], 30, 6.0);
+            let t: Vec<u32> = (0..m).map(|i| ((i * 7919) % c) as u32).collect();
+            let t = Tensor::new(t, &Device::Cpu).unwrap();
+            compare(&x, &|v| token_nll(v, &t).unwrap(), &|v| composite(v, &t), 2e-5, "cross-entropy");
+        }
+        let x = randn(&[2, 3], 31, 1.0);
+        assert!(token_nll(&x, &Tensor::new(&[0u32, 3], &Device::Cpu).unwrap()).is_err(), "target out of range");
+        assert!(token_nll(&x, &Tensor::new(&[0u32], &Device::Cpu).unwrap()).is_err(), "too few targets");
+    }
+
+    #[test]
+    fn silu_gate_and_rope_match_candle() {
+        let g = randn(&[3, 5, 17], 40, 4.0);
+        let u = randn(&[3, 5, 17], 41, 2.0);
+        // Gradients of both inputs.
+        let (gv, uv) = (Var::from_tensor(&g).unwrap(), Var::from_tensor(&u).unwrap());
+        let yf = silu_mul(gv.as_tensor(), uv.as_tensor()).unwrap();
+        let yc = (gv.as_tensor().silu().unwrap() * uv.as_tensor()).unwrap();
+        assert!(maxdiff(&yf, &yc) < 1e-5);
+        let up = randn(yf.dims(), 42, 1.0);
+        let gf = (yf * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (yc * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&gv, &uv] {
+            assert!(maxdiff(gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap()) < 1e-4);
+        }
+        assert!(silu_mul(&g, &randn(&[3, 5, 16], 1, 1.0)).is_err());
+        // RoPE with position tables as the Llama model makes them, batch of one and of three.
+        for (b, h, t, d) in [(1usize, 1usize, 1usize, 2usize), (3, 4, 7, 16)] {
+            let pos: Vec<f32> =
+                (0..t * d / 2).map(|i| (i / (d / 2)) as f32 * 0.3 + (i % (d / 2)) as f32 * 0.01).collect();
+            let f = Tensor::from_vec(pos, (t, d / 2), &Device::Cpu).unwrap();
+            let (cos, sin) = (f.cos().unwrap(), f.sin().unwrap());
+            let x = randn(&[b, h, t, d], 43, 1.0);
+            compare(
+                &x,
+                &|v| rope(v, &cos, &sin).unwrap(),
+                &|v| candle_nn::rotary_emb::rope_slow(&v.contiguous().unwrap(), &cos, &sin).unwrap(),
+                1e-5,
+                "rope",
+            );
+        }
+        let x = randn(&[1, 2, 3, 5], 44, 1.0);
+        let t = Tensor::zeros((3, 2), DType::F32, &Device::Cpu).unwrap();
+        assert!(rope(&x, &t, &t).is_err(), "odd head dimension");
+    }
+
+    #[test]
+    fn attention_matches_the_composite_with_masks_and_grouped_heads() {
+        let dev = Device::Cpu;
+        for (b, h, hkv, t, d, causal) in
+            [(2usize, 3usize, 3usize, 5usize, 4usize, false), (1, 6, 2, 7, 8, true), (3, 2, 1, 1, 2, false)]
+        {
+            let q = randn(&[b, h, t, d], 50, 1.0);
+            let k = randn(&[b, hkv, t, d], 51, 1.0);
+            let v = randn(&[b, hkv, t, d], 52, 1.0);
+            // Padding: the last key of every batch row but the first is masked.
+            let keep: Vec<u32> = (0..b * t).map(|i| u32::from(i / t == 0 || i % t != t - 1)).collect();
+            let keymask = Tensor::from_vec(keep, (b, t), &dev).unwrap();
+            let mask = crate::ops::attention_mask(Some(&keymask), b, t, t, causal, 0, &dev).unwrap().unwrap();
+            let composite = |q: &Tensor, k: &Tensor, v: &Tensor| {
+                let rep = |x: &Tensor| {
+                    let (b, hk, s, d) = x.dims4().unwrap();
+                    x.unsqueeze(2).unwrap().expand((b, hk, h / hk, s, d)).unwrap().reshape((b, h, s, d)).unwrap()
+                };
+                let sc = (q.matmul(&rep(k).t().unwrap()).unwrap() * 0.35).unwrap().broadcast_add(&mask).unwrap();
+                candle_nn::ops::softmax(&sc, D::Minus1).unwrap().matmul(&rep(v)).unwrap()
+            };
+            let (qv, kv, vv) =
+                (Var::from_tensor(&q).unwrap(), Var::from_tensor(&k).unwrap(), Var::from_tensor(&v).unwrap());
+            let yf = attention(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), Some(&mask), 0.35).unwrap();
+            let yc = composite(qv.as_tensor(), kv.as_tensor(), vv.as_tensor());
+            assert!(maxdiff(&yf, &yc) < 1e-5, "values differ by {}", maxdiff(&yf, &yc));
+            let up = randn(yf.dims(), 53, 1.0);
+            let gf = (yf * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (yc * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, x) in [("q", &qv), ("k", &kv), ("v", &vv)] {
+                let d = maxdiff(gf.get(x.as_tensor()).unwrap(), gc.get(x.as_tensor()).unwrap());
+                assert!(d < 1e-4, "d{name} differs by {d} (b {b}, h {h}, h_kv {hkv}, t {t})");
+            }
+        }
+        let q = randn(&[1, 3, 2, 4], 1, 1.0);
+        let k = randn(&[1, 2, 2, 4], 1, 1.0);
+        assert!(attention(&q, &k, &k, None, 1.0).is_err(), "3 heads are not a multiple of 2");
     }
 
     #[test]

@@ -157,6 +157,9 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 
 /// SwiGLU's gate: `silu(gate) · up`.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if crate::kernels::applies(gate) && up.dtype() == DType::F32 {
+        return Ok(crate::kernels::silu_mul(gate, up)?);
+    }
     Ok((gate.silu()? * up)?)
 }
 
@@ -166,6 +169,12 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// GGUF llama checkpoints are converted to this layout on load (their Q/K rows are un-permuted), so
 /// one layout serves every model and exported adapters apply to the Hugging Face weights unchanged.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if crate::kernels::applies(x) && cos.dtype() == DType::F32 && sin.dtype() == DType::F32 {
+        // Tables may cover more positions than x has (as rope_slow allows): use the first t.
+        let t = x.dims4()?.2;
+        let (cos, sin) = (cos.narrow(0, 0, t)?, sin.narrow(0, 0, t)?);
+        return Ok(crate::kernels::rope(x, &cos, &sin)?);
+    }
     Ok(candle_nn::rotary_emb::rope_slow(&x.contiguous()?, cos, sin)?)
 }
 
@@ -176,6 +185,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scal
     let (_, h_kv, s, _) = k.dims4()?;
     if h % h_kv != 0 {
         return Err(crate::Error::Model(format!("{h} query heads are not a multiple of {h_kv} kv heads")));
+    }
+    if crate::kernels::applies(q)
+        && mask.is_none_or(|m| m.dims4().is_ok_and(|(mb, mh, mt, ms)| mb == b && mh == 1 && mt == t && ms == s))
+    {
+        return Ok(crate::kernels::attention(q, k, v, mask, scale)?);
     }
     let groups = h / h_kv;
     // Grouped-query attention: fold the query heads of one kv head into the sequence axis, so no copy of

@@ -296,6 +296,9 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 
 /// Cross-entropy of each row of `logits` `[n, c]` against class ids `targets` `[n]` (u32): `[n]`.
 pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if crate::kernels::applies(logits) && targets.dtype() == candle_core::DType::U32 && logits.rank() == 2 {
+        return Ok(crate::kernels::token_nll(logits, targets)?);
+    }
     let logp = ops::log_softmax_last_dim(logits)?;
     let picked = logp.gather(&targets.unsqueeze(1)?, D::Minus1)?;
     Ok(picked.squeeze(1)?.neg()?)
