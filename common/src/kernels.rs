@@ -850,7 +850,7 @@ impl CustomOp3 for AttentionGrad {
             f32_slice(s3, l3, "attention grad")?,
         );
         let dm = Attention::dims(l1, l2, l2)?;
-        let AttnDims { b, h, hkv, t, s, d } = dm;
+        let AttnDims { h, hkv, t, s, d, .. } = dm;
         let (nq, nk) = (q.len(), k.len());
         if vdy.len() != nk + nq {
             candle_core::bail!("attention grad: packed v and dy have {} values, expected {}", vdy.len(), nk + nq);
