@@ -920,6 +920,225 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
     x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { inverse: false })
 }
 
+/// The contiguous f32 data of a CPU storage.
+fn storage_f32<'a>(s: &'a candle_core::Storage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(c) => f32_slice(c, l, what),
+        _ => candle_core::bail!("{what}: CPU tensors only"),
+    }
+}
+
+/// A LoRA-SB layer in one op: `y = x·W0ᵀ + bias + s·((x·Aᵀ)·Rᵀ)·Bᵀ`, with `W0`, `bias`, `A`, `B` frozen and
+/// `R` either shared `[r, r]` or per sample `[n, r, r]` (DP-SGD; `x`'s rows are then `n` samples of equal
+/// length, sample-major). The adapter path accumulates into the base output in the same buffer; backward gives
+/// the input gradient and R's (summed, or per sample), nothing for the frozen tensors.
+struct LoraSbLinear {
+    w0: Tensor,
+    bias: Option<Tensor>,
+    a: Tensor,
+    b: Tensor,
+    scale: f32,
+}
+
+/// Sizes of a LoRA-SB op: rows of x, in, out, rank, samples (1 for a shared R).
+#[derive(Clone, Copy)]
+struct SbDims {
+    rows: usize,
+    k: usize,
+    n: usize,
+    r: usize,
+    samples: usize,
+}
+
+impl LoraSbLinear {
+    fn dims(&self, x: &Layout, rl: &Layout) -> candle_core::Result<SbDims> {
+        let (rows, k) = x.shape().dims2()?;
+        let (n, k2) = self.w0.dims2()?;
+        let (r, k3) = self.a.dims2()?;
+        let (n2, r2) = self.b.dims2()?;
+        let samples = match rl.shape().dims() {
+            [a, b] if *a == r && *b == r => 1,
+            [m, a, b] if *a == r && *b == r && *m > 0 && rows % m == 0 => *m,
+            d => candle_core::bail!("LoRA-SB: R {d:?} for rank {r} and {rows} rows"),
+        };
+        if k != k2 || k != k3 || n != n2 || r != r2 || self.bias.as_ref().is_some_and(|b| b.dims() != [n]) {
+            candle_core::bail!("LoRA-SB: x [{rows}, {k}], W0 [{n}, {k2}], A [{r}, {k3}], B [{n2}, {r2}]");
+        }
+        Ok(SbDims { rows, k, n, r, samples })
+    }
+
+    /// `h2 = h1·Rᵀ` per sample block of rows (`h1`, `h2` `[rows, r]`).
+    fn apply_r(d: SbDims, h1: &[f32], rm: &[f32], h2: &mut [f32]) {
+        let per = d.rows / d.samples;
+        for i in 0..d.samples {
+            let (h1s, h2s) = (&h1[i * per * d.r..(i + 1) * per * d.r], &mut h2[i * per * d.r..(i + 1) * per * d.r]);
+            let ri = &rm[i * d.r * d.r..(i + 1) * d.r * d.r];
+            // SAFETY: h1s is per×r, Rᵀ is R read with swapped strides, h2s is per×r.
+            unsafe { gemm_into(h2s, (per, d.r, d.r), false, h1s, (d.r, 1), ri, (1, d.r), 1) };
+        }
+    }
+}
+
+impl CustomOp2 for LoraSbLinear {
+    fn name(&self) -> &'static str {
+        "fedsb-lora-sb-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, rm) = (f32_slice(s1, l1, "LoRA-SB")?, f32_slice(s2, l2, "LoRA-SB")?);
+        let d = self.dims(l1, l2)?;
+        let (w0g, w0l) = self.w0.storage_and_layout();
+        let (ag, al) = self.a.storage_and_layout();
+        let (bg, bl) = self.b.storage_and_layout();
+        let (w0, a, b) = (
+            storage_f32(&w0g, w0l, "LoRA-SB W0")?,
+            storage_f32(&ag, al, "LoRA-SB A")?,
+            storage_f32(&bg, bl, "LoRA-SB B")?,
+        );
+        let threads = candle_core::utils::get_num_threads();
+        let mut out = vec![0f32; d.rows * d.n];
+        if let Some(bias) = &self.bias {
+            let (bsg, bsl) = bias.storage_and_layout();
+            let bias = storage_f32(&bsg, bsl, "LoRA-SB bias")?;
+            out.par_chunks_mut(d.n.max(1) * 64).for_each(|o| {
+                for row in o.chunks_mut(d.n.max(1)) {
+                    row.copy_from_slice(bias);
+                }
+            });
+        }
+        let mut h1 = vec![0f32; d.rows * d.r];
+        let mut h2 = vec![0f32; d.rows * d.r];
+        // SAFETY (all): row-major buffers of the stated sizes; transposed operands by strides.
+        unsafe {
+            gemm_into(&mut out, (d.rows, d.n, d.k), self.bias.is_some(), x, (d.k, 1), w0, (1, d.k), threads);
+            gemm_into(&mut h1, (d.rows, d.r, d.k), false, x, (d.k, 1), a, (1, d.k), threads);
+        }
+        Self::apply_r(d, &h1, rm, &mut h2);
+        if self.scale != 1.0 {
+            h2.iter_mut().for_each(|v| *v *= self.scale);
+        }
+        unsafe { gemm_into(&mut out, (d.rows, d.n, d.r), true, &h2, (d.r, 1), b, (1, d.r), threads) };
+        Ok((CpuStorage::F32(out), Shape::from((d.rows, d.n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        r: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad_op = LoraSbGrad { w0: self.w0.clone(), a: self.a.clone(), b: self.b.clone(), scale: self.scale };
+        let packed = x.apply_op3_no_bwd(r, &grad.contiguous()?, &grad_op)?;
+        let nx = x.elem_count();
+        let dx = packed.narrow(0, 0, nx)?.reshape(x.shape())?;
+        let dr = packed.narrow(0, nx, r.elem_count())?.reshape(r.shape())?;
+        Ok((Some(dx), Some(dr)))
+    }
+}
+
+/// The backward of [`LoraSbLinear`]: inputs x, R, dy; output `[dx ‖ dR]` flattened.
+struct LoraSbGrad {
+    w0: Tensor,
+    a: Tensor,
+    b: Tensor,
+    scale: f32,
+}
+
+impl CustomOp3 for LoraSbGrad {
+    fn name(&self) -> &'static str {
+        "fedsb-lora-sb-linear-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, rm, dy) = (
+            f32_slice(s1, l1, "LoRA-SB grad")?,
+            f32_slice(s2, l2, "LoRA-SB grad")?,
+            f32_slice(s3, l3, "LoRA-SB grad")?,
+        );
+        let fwd =
+            LoraSbLinear { w0: self.w0.clone(), bias: None, a: self.a.clone(), b: self.b.clone(), scale: self.scale };
+        let d = fwd.dims(l1, l2)?;
+        let (w0g, w0l) = self.w0.storage_and_layout();
+        let (ag, al) = self.a.storage_and_layout();
+        let (bg, bl) = self.b.storage_and_layout();
+        let (w0, a, b) = (
+            storage_f32(&w0g, w0l, "LoRA-SB W0")?,
+            storage_f32(&ag, al, "LoRA-SB A")?,
+            storage_f32(&bg, bl, "LoRA-SB B")?,
+        );
+        let threads = candle_core::utils::get_num_threads();
+        let (nx, nr) = (x.len(), rm.len());
+        let mut out = vec![0f32; nx + nr];
+        let (dx, dr) = out.split_at_mut(nx);
+        let mut gb = vec![0f32; d.rows * d.r];
+        let mut h1 = vec![0f32; d.rows * d.r];
+        let mut t = vec![0f32; d.rows * d.r];
+        // SAFETY (all): row-major buffers of the stated sizes; transposed operands by strides.
+        unsafe {
+            // gB = s·dy·B   (rows×n · n×r)
+            gemm_into(&mut gb, (d.rows, d.r, d.n), false, dy, (d.n, 1), b, (d.r, 1), threads);
+            // dx = dy·W0    (rows×n · n×k)
+            gemm_into(dx, (d.rows, d.k, d.n), false, dy, (d.n, 1), w0, (d.k, 1), threads);
+            // h1 = x·Aᵀ     (rows×k · k×r)
+            gemm_into(&mut h1, (d.rows, d.r, d.k), false, x, (d.k, 1), a, (1, d.k), threads);
+        }
+        if self.scale != 1.0 {
+            gb.iter_mut().for_each(|v| *v *= self.scale);
+        }
+        let per = d.rows / d.samples;
+        for i in 0..d.samples {
+            let rows = i * per * d.r..(i + 1) * per * d.r;
+            let ri = &rm[i * d.r * d.r..(i + 1) * d.r * d.r];
+            let dri = &mut dr[i * d.r * d.r..(i + 1) * d.r * d.r];
+            unsafe {
+                // t = gB·R     (per×r · r×r), dR = gBᵀ·h1   (r×per · per×r)
+                gemm_into(&mut t[rows.clone()], (per, d.r, d.r), false, &gb[rows.clone()], (d.r, 1), ri, (d.r, 1), 1);
+                gemm_into(dri, (d.r, d.r, per), false, &gb[rows.clone()], (1, d.r), &h1[rows], (d.r, 1), 1);
+            }
+        }
+        // dx += t·A   (rows×r · r×k)
+        unsafe { gemm_into(dx, (d.rows, d.k, d.r), true, &t, (d.r, 1), a, (d.k, 1), threads) };
+        let n = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+}
+
+/// A LoRA-SB layer `x·W0ᵀ + bias + scale·((x·Aᵀ)·Rᵀ)·Bᵀ` in one op (CPU f32): `x` `[rows, k]`, `R` `[r, r]` or per
+/// sample `[n, r, r]` (rows sample-major). Gradients: `x` and `R` only.
+pub fn lora_sb_linear(
+    x: &Tensor,
+    w0: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    r: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let op = LoraSbLinear {
+        w0: w0.contiguous()?,
+        bias: bias.map(|b| b.contiguous()).transpose()?,
+        a: a.contiguous()?,
+        b: b.contiguous()?,
+        scale: scale as f32,
+    };
+    x.contiguous()?.apply_op2(&r.contiguous()?, op)
+}
+
 /// Whether the fused kernels apply: f32 on the CPU, not switched off by `FEDSB_KERNELS=off` (every op then uses
 /// candle's composite ops: for comparisons and as an escape hatch), nor on this thread by [`without`].
 pub fn applies(t: &Tensor) -> bool {
@@ -1256,6 +1475,48 @@ mod tests {
         let q = randn(&[1, 3, 2, 4], 1, 1.0);
         let k = randn(&[1, 2, 2, 4], 1, 1.0);
         assert!(attention(&q, &k, &k, None, 1.0).is_err(), "3 heads are not a multiple of 2");
+    }
+
+    #[test]
+    fn lora_sb_linear_matches_the_composite_for_shared_and_per_sample_r() {
+        let (rows, k, n, r) = (12usize, 10usize, 7usize, 3usize);
+        let w0 = randn(&[n, k], 60, 0.5);
+        let bias = randn(&[n], 61, 0.5);
+        let a = randn(&[r, k], 62, 0.5);
+        let b = randn(&[n, r], 63, 0.5);
+        let x = randn(&[rows, k], 64, 1.0);
+        for (samples, scale) in [(1usize, 1.0f64), (1, 2.5), (4, 1.0), (3, 0.5)] {
+            let rm = if samples == 1 { randn(&[r, r], 65, 1.0) } else { randn(&[samples, r, r], 66, 1.0) };
+            let (xv, rv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&rm).unwrap());
+            let fused = lora_sb_linear(xv.as_tensor(), &w0, Some(&bias), &a, &b, rv.as_tensor(), scale).unwrap();
+            let h1 = xv.as_tensor().matmul(&a.t().unwrap()).unwrap();
+            let h2 = if samples == 1 {
+                h1.matmul(&rv.as_tensor().t().unwrap()).unwrap()
+            } else {
+                let h = h1.reshape((samples, rows / samples, r)).unwrap();
+                h.matmul(&rv.as_tensor().transpose(1, 2).unwrap()).unwrap().reshape((rows, r)).unwrap()
+            };
+            let side = (h2.matmul(&b.t().unwrap()).unwrap() * scale).unwrap();
+            let base = xv.as_tensor().matmul(&w0.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
+            let composite = (base + side).unwrap();
+            assert!(maxdiff(&fused, &composite) < 1e-5, "values ({samples} samples, scale {scale})");
+            let up = randn(fused.dims(), 67, 1.0);
+            let gf = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (composite * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for (what, v) in [("x", &xv), ("R", &rv)] {
+                let d = maxdiff(gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap());
+                assert!(d < 1e-4, "d{what} differs by {d} ({samples} samples, scale {scale})");
+            }
+        }
+        // Without a bias; and wrong shapes are errors.
+        let rm = randn(&[r, r], 68, 1.0);
+        let y = lora_sb_linear(&x, &w0, None, &a, &b, &rm, 1.0).unwrap();
+        let c = (x.matmul(&w0.t().unwrap()).unwrap()
+            + x.matmul(&a.t().unwrap()).unwrap().matmul(&rm.t().unwrap()).unwrap().matmul(&b.t().unwrap()).unwrap())
+        .unwrap();
+        assert!(maxdiff(&y, &c) < 1e-5);
+        assert!(lora_sb_linear(&x, &w0, None, &a, &b, &randn(&[r + 1, r + 1], 1, 1.0), 1.0).is_err());
+        assert!(lora_sb_linear(&x, &w0, None, &a, &b, &randn(&[5, r, r], 1, 1.0), 1.0).is_err(), "12 rows, 5 samples");
     }
 
     #[test]

@@ -201,6 +201,35 @@ impl AdaptedLinear {
 
     /// The forward pass; `x` is `[..., d_in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let (None, Some(Adapter::LoraSb { a, b, r })) = (&self.weight_var, &self.adapter)
+            && crate::kernels::applies(x)
+        {
+            // One fused op for the base layer and the adapter path (with R, or a per-sample copy of it).
+            let rm = match crate::dp::per_sample::per_sample(r) {
+                Some(copy) => copy,
+                None => r.as_tensor().clone(),
+            };
+            let dims = x.dims().to_vec();
+            let (d_out, d_in) = self.dims();
+            if dims.last() != Some(&d_in) {
+                return Err(Error::tensor(&self.name, format!("input {dims:?}, expected [..., {d_in}]")));
+            }
+            let rows = x.elem_count() / d_in.max(1);
+            let y = crate::kernels::lora_sb_linear(
+                &x.reshape((rows, d_in))?,
+                &self.w0,
+                self.bias.as_ref(),
+                a,
+                b,
+                &rm,
+                self.scale,
+            )?;
+            let mut out = dims;
+            if let Some(last) = out.last_mut() {
+                *last = d_out;
+            }
+            return Ok(y.reshape(out)?);
+        }
         let base = match &self.weight_var {
             Some(w) => {
                 let y = x.broadcast_matmul(&w.as_tensor().t()?)?;
