@@ -30,6 +30,21 @@ pub struct LossOut {
     pub correct: Option<usize>,
 }
 
+/// The classifier's logits on `batch` (labels `y` checked against its classes), the number of rows and the
+/// correct predictions.
+fn classify(c: &crate::model::BertClassifier, batch: &Batch, y: &Tensor) -> Result<(Tensor, usize, usize)> {
+    let num_labels = c.num_labels() as u32;
+    let ys = y.to_vec1::<u32>()?;
+    if let Some(bad) = ys.iter().find(|l| **l >= num_labels) {
+        return Err(Error::Data(format!("label {bad} but the classifier has {num_labels} classes")));
+    }
+    let h = c.encoder.forward(&batch.ids, Some(&batch.type_ids), Some(&batch.mask))?;
+    let logits = c.head_logits(&mean_pool(&h, Some(&batch.mask))?)?;
+    let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+    let correct = pred.iter().zip(&ys).filter(|(p, y)| p == y).count();
+    Ok((logits, ys.len(), correct))
+}
+
 /// Mean cross-entropy of `model` on `batch` (response tokens for causal LMs, classes for classifiers).
 pub fn batch_loss(model: &Model, batch: &Batch) -> Result<LossOut> {
     match (model, &batch.target) {
@@ -38,16 +53,8 @@ pub fn batch_loss(model: &Model, batch: &Batch) -> Result<LossOut> {
             Ok(LossOut { loss, count, correct: None })
         }
         (Model::Classifier(c), BatchTarget::Classes(y)) => {
-            let num_labels = c.num_labels() as u32;
-            let ys = y.to_vec1::<u32>()?;
-            if let Some(bad) = ys.iter().find(|l| **l >= num_labels) {
-                return Err(Error::Data(format!("label {bad} but the classifier has {num_labels} classes")));
-            }
-            let h = c.encoder.forward(&batch.ids, Some(&batch.type_ids), Some(&batch.mask))?;
-            let logits = c.head_logits(&mean_pool(&h, Some(&batch.mask))?)?;
-            let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-            let correct = pred.iter().zip(&ys).filter(|(p, y)| p == y).count();
-            Ok(LossOut { loss: cross_entropy(&logits, y)?, count: ys.len(), correct: Some(correct) })
+            let (logits, count, correct) = classify(c, batch, y)?;
+            Ok(LossOut { loss: cross_entropy(&logits, y)?, count, correct: Some(correct) })
         }
         _ => Err(Error::Data("the batch's targets do not match the model's task".into())),
     }
@@ -84,15 +91,7 @@ pub fn per_sample_loss(model: &Model, batch: &Batch) -> Result<PerSampleLoss> {
             Ok(PerSampleLoss { losses, correct: None })
         }
         (Model::Classifier(c), BatchTarget::Classes(y)) => {
-            let num_labels = c.num_labels() as u32;
-            let ys = y.to_vec1::<u32>()?;
-            if let Some(bad) = ys.iter().find(|l| **l >= num_labels) {
-                return Err(Error::Data(format!("label {bad} but the classifier has {num_labels} classes")));
-            }
-            let h = c.encoder.forward(&batch.ids, Some(&batch.type_ids), Some(&batch.mask))?;
-            let logits = c.head_logits(&mean_pool(&h, Some(&batch.mask))?)?;
-            let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-            let correct = pred.iter().zip(&ys).filter(|(p, y)| p == y).count();
+            let (logits, _, correct) = classify(c, batch, y)?;
             Ok(PerSampleLoss { losses: token_nll(&logits, y)?, correct: Some(correct) })
         }
         _ => Err(Error::Data("the batch's targets do not match the model's task".into())),
