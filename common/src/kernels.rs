@@ -349,7 +349,7 @@ impl CustomOp3 for RmsNormGrad {
     }
 }
 
-/// `dst (m×n, row-major) = [dst +] lhs · rhs` with arbitrary row/column strides of `lhs` (m×k) and `rhs` (k×n),
+/// `dst (m×n, row stride dst_rs) = [dst +] lhs · rhs` with arbitrary row/column strides of `lhs` (m×k) and `rhs` (k×n),
 /// by the `gemm` crate (candle's own CPU GEMM), on `threads` threads.
 ///
 /// # Safety
@@ -357,6 +357,7 @@ impl CustomOp3 for RmsNormGrad {
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_into(
     dst: &mut [f32],
+    dst_rs: usize,
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
     lhs: &[f32],
@@ -366,7 +367,7 @@ unsafe fn gemm_into(
     threads: usize,
 ) {
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: dst is m×n row-major; the caller vouches for lhs and rhs.
+    // SAFETY: the caller vouches for dst (m rows of n, dst_rs apart), lhs and rhs.
     unsafe {
         gemm::gemm(
             m,
@@ -374,7 +375,7 @@ unsafe fn gemm_into(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             lhs.as_ptr(),
             lhs_cs as isize,
@@ -427,7 +428,7 @@ impl CustomOp3 for FrozenLinear {
         }
         let threads = candle_core::utils::get_num_threads();
         // SAFETY: x is rows×k row-major; wᵀ (k×n) is w read with row stride 1 and column stride k.
-        unsafe { gemm_into(&mut out, (rows, n, k), true, x, (k, 1), w, (1, k), threads) };
+        unsafe { gemm_into(&mut out, n, (rows, n, k), true, x, (k, 1), w, (1, k), threads) };
         Ok((CpuStorage::F32(out), Shape::from((rows, n))))
     }
 
@@ -710,14 +711,16 @@ impl CustomOp3 for Rope {
     }
 }
 
-/// Scaled dot-product attention in one op, parallel over (batch, kv head): `softmax(Q·Kᵀ·scale + mask)·V`
-/// for `q` `[b, h, t, d]`, `k`/`v` `[b, h_kv, s, d]` (grouped-query when `h_kv < h`) and an optional additive
-/// mask `[b, t, s]` (the same for every head). Backward recomputes the probabilities (one small GEMM) instead
-/// of keeping them, and gives `dQ`, `dK`, `dV` in one pass.
+/// Scaled dot-product attention in one op, parallel over the batch: `softmax(Q·Kᵀ·scale + mask)·V` for `q`
+/// `[b, h, t, d]`, `k`/`v` `[b, h_kv, s, d]` (grouped-query when `h_kv < h`), or with `seq_major` the layout the
+/// projections produce, `q` `[b, t, h, d]` and `k`/`v` `[b, s, h_kv, d]` (no head split/merge copies), and an
+/// optional additive mask `[b, t, s]` shared by the heads. Backward recomputes the probabilities (one small GEMM)
+/// instead of keeping them, and gives `dQ`, `dK`, `dV` in one pass.
 struct Attention {
     scale: f32,
     /// `[b, t, s]`, row-major.
     mask: Option<std::sync::Arc<Vec<f32>>>,
+    seq_major: bool,
 }
 
 /// Dimensions of an attention call.
@@ -729,23 +732,42 @@ struct AttnDims {
     t: usize,
     s: usize,
     d: usize,
+    seq_major: bool,
+}
+
+impl AttnDims {
+    /// Offset of query head `qh` inside a batch's block, and its row stride.
+    fn q_head(&self, qh: usize) -> (usize, usize) {
+        if self.seq_major { (qh * self.d, self.h * self.d) } else { (qh * self.t * self.d, self.d) }
+    }
+
+    /// Offset of kv head `kh` inside a batch's block, and its row stride.
+    fn kv_head(&self, kh: usize) -> (usize, usize) {
+        if self.seq_major { (kh * self.d, self.hkv * self.d) } else { (kh * self.s * self.d, self.d) }
+    }
 }
 
 impl Attention {
-    fn dims(q: &Layout, k: &Layout, v: &Layout) -> candle_core::Result<AttnDims> {
-        let (b, h, t, d) = q.shape().dims4()?;
-        let (b2, hkv, s, d2) = k.shape().dims4()?;
+    fn dims(&self, q: &Layout, k: &Layout, v: &Layout) -> candle_core::Result<AttnDims> {
+        let ((b, h, t, d), (b2, hkv, s, d2)) = if self.seq_major {
+            let (b, t, h, d) = q.shape().dims4()?;
+            let (b2, s, hkv, d2) = k.shape().dims4()?;
+            ((b, h, t, d), (b2, hkv, s, d2))
+        } else {
+            (q.shape().dims4()?, k.shape().dims4()?)
+        };
         if b2 != b || d2 != d || v.shape() != k.shape() || hkv == 0 || h % hkv != 0 {
             candle_core::bail!("attention: q {:?}, k {:?}, v {:?}", q.shape(), k.shape(), v.shape());
         }
-        Ok(AttnDims { b, h, hkv, t, s, d })
+        Ok(AttnDims { b, h, hkv, t, s, d, seq_major: self.seq_major })
     }
 
-    /// The probabilities `[t, s]` of query head `qh` of batch `bi` into `p`.
-    fn probs(&self, dm: AttnDims, bi: usize, q: &[f32], k: &[f32], p: &mut [f32]) {
+    /// The probabilities `[t, s]` of one query head (`q` from its first row, row stride `qrs`) against one kv
+    /// head (`k`, row stride `krs`) of batch `bi`, into `p`.
+    fn probs(&self, dm: AttnDims, bi: usize, (q, qrs): (&[f32], usize), (k, krs): (&[f32], usize), p: &mut [f32]) {
         let AttnDims { t, s, d, .. } = dm;
-        // SAFETY: q is t×d, k is s×d (read as kᵀ: d×s), p is t×s.
-        unsafe { gemm_into(p, (t, s, d), false, q, (d, 1), k, (1, d), 1) };
+        // SAFETY: q is t×d (row stride qrs), k is s×d (row stride krs) read as kᵀ, p is t×s.
+        unsafe { gemm_into(p, s, (t, s, d), false, q, (qrs, 1), k, (1, krs), 1) };
         for (i, row) in p.chunks_mut(s).enumerate() {
             let m = self.mask.as_ref().map(|m| &m[(bi * t + i) * s..(bi * t + i + 1) * s]);
             let mut max = f32::NEG_INFINITY;
@@ -780,23 +802,25 @@ impl CustomOp3 for Attention {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (q, k, v) =
             (f32_slice(s1, l1, "attention")?, f32_slice(s2, l2, "attention")?, f32_slice(s3, l3, "attention")?);
-        let dm = Self::dims(l1, l2, l3)?;
-        let AttnDims { b, h, hkv, t, s, d } = dm;
+        let dm = self.dims(l1, l2, l3)?;
+        let AttnDims { b, h, hkv, t, s, d, .. } = dm;
         if self.mask.as_ref().is_some_and(|m| m.len() != b * t * s) {
             candle_core::bail!("attention: mask does not match [{b}, {t}, {s}]");
         }
         let g = h / hkv;
-        let mut out = vec![0f32; b * h * t * d];
-        out.par_chunks_mut(t * d).enumerate().for_each_init(
+        let (qb, kb) = (h * t * d, hkv * s * d);
+        let mut out = vec![0f32; b * qb];
+        out.par_chunks_mut(qb).enumerate().for_each_init(
             || vec![0f32; t * s],
-            |p, (bh, o)| {
-                let (bi, qh) = (bh / h, bh % h);
-                let kvh = bi * hkv + qh / g;
-                let qs = &q[bh * t * d..(bh + 1) * t * d];
-                let (ks, vs) = (&k[kvh * s * d..(kvh + 1) * s * d], &v[kvh * s * d..(kvh + 1) * s * d]);
-                self.probs(dm, bi, qs, ks, p);
-                // SAFETY: p is t×s, vs is s×d, o is t×d.
-                unsafe { gemm_into(o, (t, d, s), false, p, (s, 1), vs, (d, 1), 1) };
+            |p, (bi, o)| {
+                let (qblk, kblk, vblk) =
+                    (&q[bi * qb..(bi + 1) * qb], &k[bi * kb..(bi + 1) * kb], &v[bi * kb..(bi + 1) * kb]);
+                for qh in 0..h {
+                    let ((qo, qrs), (ko, krs)) = (dm.q_head(qh), dm.kv_head(qh / g));
+                    self.probs(dm, bi, (&qblk[qo..], qrs), (&kblk[ko..], krs), p);
+                    // SAFETY: p is t×s, v's head is s×d (row stride krs), the output head is t×d (row stride qrs).
+                    unsafe { gemm_into(&mut o[qo..], qrs, (t, d, s), false, p, (s, 1), &vblk[ko..], (krs, 1), 1) };
+                }
             },
         );
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -812,11 +836,9 @@ impl CustomOp3 for Attention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // One op computes dQ, dK and dV into one buffer; split it here.
         let dy = grad.contiguous()?;
-        let packed = q.apply_op3_no_bwd(
-            k,
-            &Tensor::cat(&[&v.flatten_all()?, &dy.flatten_all()?], 0)?,
-            &AttentionGrad { fwd: Attention { scale: self.scale, mask: self.mask.clone() } },
-        )?;
+        let fwd = Attention { scale: self.scale, mask: self.mask.clone(), seq_major: self.seq_major };
+        let packed =
+            q.apply_op3_no_bwd(k, &Tensor::cat(&[&v.flatten_all()?, &dy.flatten_all()?], 0)?, &AttentionGrad { fwd })?;
         let (nq, nk) = (q.elem_count(), k.elem_count());
         let dq = packed.narrow(0, 0, nq)?.reshape(q.shape())?;
         let dk = packed.narrow(0, nq, nk)?.reshape(k.shape())?;
@@ -849,7 +871,7 @@ impl CustomOp3 for AttentionGrad {
             f32_slice(s2, l2, "attention grad")?,
             f32_slice(s3, l3, "attention grad")?,
         );
-        let dm = Attention::dims(l1, l2, l2)?;
+        let dm = self.fwd.dims(l1, l2, l2)?;
         let AttnDims { h, hkv, t, s, d, .. } = dm;
         let (nq, nk) = (q.len(), k.len());
         if vdy.len() != nk + nq {
@@ -858,29 +880,29 @@ impl CustomOp3 for AttentionGrad {
         let (v, dy) = vdy.split_at(nk);
         let g = h / hkv;
         let scale = self.fwd.scale;
+        let (qb, kb) = (h * t * d, hkv * s * d);
         let mut out = vec![0f32; nq + 2 * nk];
         let (dq_all, dkv) = out.split_at_mut(nq);
         let (dk_all, dv_all) = dkv.split_at_mut(nk);
-        // One task per (batch, kv head): it owns that head's dK and dV and its group's dQ.
-        dq_all
-            .par_chunks_mut(g * t * d)
-            .zip(dk_all.par_chunks_mut(s * d).zip(dv_all.par_chunks_mut(s * d)))
-            .enumerate()
-            .for_each(|(bk, (dq_g, (dk, dv)))| {
-                let bi = bk / hkv;
-                let (ks, vs) = (&k[bk * s * d..(bk + 1) * s * d], &v[bk * s * d..(bk + 1) * s * d]);
+        // One task per batch: it owns that batch's dQ, dK and dV.
+        dq_all.par_chunks_mut(qb).zip(dk_all.par_chunks_mut(kb).zip(dv_all.par_chunks_mut(kb))).enumerate().for_each(
+            |(bi, (dq, (dk, dv)))| {
+                let blk = |n: usize| bi * n..(bi + 1) * n;
+                let (qblk, dyblk) = (&q[blk(qb)], &dy[blk(qb)]);
+                let (kblk, vblk) = (&k[blk(kb)], &v[blk(kb)]);
                 let mut p = vec![0f32; t * s];
                 let mut dp = vec![0f32; t * s];
-                for gi in 0..g {
-                    let bh = bk * g + gi;
-                    let qs = &q[bh * t * d..(bh + 1) * t * d];
-                    let dys = &dy[bh * t * d..(bh + 1) * t * d];
-                    self.fwd.probs(dm, bi, qs, ks, &mut p);
-                    // SAFETY (all four): row-major buffers of the stated sizes; transposes by strides.
+                for qh in 0..h {
+                    let ((qo, qrs), (ko, krs)) = (dm.q_head(qh), dm.kv_head(qh / g));
+                    let first = qh % g == 0;
+                    self.fwd.probs(dm, bi, (&qblk[qo..], qrs), (&kblk[ko..], krs), &mut p);
+                    // SAFETY (all four): buffers of the stated sizes and row strides; transposes by strides.
                     // dV += Pᵀ·dY   (s×t · t×d)
-                    unsafe { gemm_into(dv, (s, d, t), gi > 0, &p, (1, s), dys, (d, 1), 1) };
+                    unsafe { gemm_into(&mut dv[ko..], krs, (s, d, t), !first, &p, (1, s), &dyblk[qo..], (qrs, 1), 1) };
                     // dP = dY·Vᵀ    (t×d · d×s)
-                    unsafe { gemm_into(&mut dp, (t, s, d), false, dys, (d, 1), vs, (1, d), 1) };
+                    unsafe {
+                        gemm_into(&mut dp, s, (t, s, d), false, &dyblk[qo..], (qrs, 1), &vblk[ko..], (1, krs), 1)
+                    };
                     // dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
                     for (pr, dr) in p.chunks(s).zip(dp.chunks_mut(s)) {
                         let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
@@ -889,25 +911,41 @@ impl CustomOp3 for AttentionGrad {
                         }
                     }
                     // dQ = dS·K     (t×s · s×d)
-                    let dq = &mut dq_g[gi * t * d..(gi + 1) * t * d];
-                    unsafe { gemm_into(dq, (t, d, s), false, &dp, (s, 1), ks, (d, 1), 1) };
+                    unsafe { gemm_into(&mut dq[qo..], qrs, (t, d, s), false, &dp, (s, 1), &kblk[ko..], (krs, 1), 1) };
                     // dK += dSᵀ·Q   (s×t · t×d)
-                    unsafe { gemm_into(dk, (s, d, t), gi > 0, &dp, (1, s), qs, (d, 1), 1) };
+                    unsafe { gemm_into(&mut dk[ko..], krs, (s, d, t), !first, &dp, (1, s), &qblk[qo..], (qrs, 1), 1) };
                 }
-            });
+            },
+        );
         let n = out.len();
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 }
 
-/// Scaled dot-product attention (CPU f32): `q` `[b, h, t, d]`, `k`/`v` `[b, h_kv, s, d]`, `mask` an additive
-/// `[b, 1, t, s]` (or `[b, t, s]`) mask shared by the heads.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> candle_core::Result<Tensor> {
+fn attention_op(mask: Option<&Tensor>, scale: f64, seq_major: bool) -> candle_core::Result<Attention> {
     let mask = match mask {
         Some(m) => Some(std::sync::Arc::new(m.contiguous()?.flatten_all()?.to_vec1::<f32>()?)),
         None => None,
     };
-    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Attention { scale: scale as f32, mask })
+    Ok(Attention { scale: scale as f32, mask, seq_major })
+}
+
+/// Scaled dot-product attention (CPU f32): `q` `[b, h, t, d]`, `k`/`v` `[b, h_kv, s, d]`, `mask` an additive
+/// `[b, 1, t, s]` (or `[b, t, s]`) mask shared by the heads.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> candle_core::Result<Tensor> {
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, attention_op(mask, scale, false)?)
+}
+
+/// The same on the projections' layout: `q` `[b, t, h, d]`, `k`/`v` `[b, s, h_kv, d]`; the result is
+/// `[b, t, h, d]` (no head split or merge copies).
+pub fn attention_seq_major(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, attention_op(mask, scale, true)?)
 }
 
 /// `silu(gate) · up` (CPU f32).
@@ -974,7 +1012,7 @@ impl LoraSbLinear {
             let (h1s, h2s) = (&h1[i * per * d.r..(i + 1) * per * d.r], &mut h2[i * per * d.r..(i + 1) * per * d.r]);
             let ri = &rm[i * d.r * d.r..(i + 1) * d.r * d.r];
             // SAFETY: h1s is per×r, Rᵀ is R read with swapped strides, h2s is per×r.
-            unsafe { gemm_into(h2s, (per, d.r, d.r), false, h1s, (d.r, 1), ri, (1, d.r), 1) };
+            unsafe { gemm_into(h2s, d.r, (per, d.r, d.r), false, h1s, (d.r, 1), ri, (1, d.r), 1) };
         }
     }
 }
@@ -1016,14 +1054,14 @@ impl CustomOp2 for LoraSbLinear {
         let mut h2 = vec![0f32; d.rows * d.r];
         // SAFETY (all): row-major buffers of the stated sizes; transposed operands by strides.
         unsafe {
-            gemm_into(&mut out, (d.rows, d.n, d.k), self.bias.is_some(), x, (d.k, 1), w0, (1, d.k), threads);
-            gemm_into(&mut h1, (d.rows, d.r, d.k), false, x, (d.k, 1), a, (1, d.k), threads);
+            gemm_into(&mut out, d.n, (d.rows, d.n, d.k), self.bias.is_some(), x, (d.k, 1), w0, (1, d.k), threads);
+            gemm_into(&mut h1, d.r, (d.rows, d.r, d.k), false, x, (d.k, 1), a, (1, d.k), threads);
         }
         Self::apply_r(d, &h1, rm, &mut h2);
         if self.scale != 1.0 {
             h2.iter_mut().for_each(|v| *v *= self.scale);
         }
-        unsafe { gemm_into(&mut out, (d.rows, d.n, d.r), true, &h2, (d.r, 1), b, (1, d.r), threads) };
+        unsafe { gemm_into(&mut out, d.n, (d.rows, d.n, d.r), true, &h2, (d.r, 1), b, (1, d.r), threads) };
         Ok((CpuStorage::F32(out), Shape::from((d.rows, d.n))))
     }
 
@@ -1091,11 +1129,11 @@ impl CustomOp3 for LoraSbGrad {
         // SAFETY (all): row-major buffers of the stated sizes; transposed operands by strides.
         unsafe {
             // gB = s·dy·B   (rows×n · n×r)
-            gemm_into(&mut gb, (d.rows, d.r, d.n), false, dy, (d.n, 1), b, (d.r, 1), threads);
+            gemm_into(&mut gb, d.r, (d.rows, d.r, d.n), false, dy, (d.n, 1), b, (d.r, 1), threads);
             // dx = dy·W0    (rows×n · n×k)
-            gemm_into(dx, (d.rows, d.k, d.n), false, dy, (d.n, 1), w0, (d.k, 1), threads);
+            gemm_into(dx, d.k, (d.rows, d.k, d.n), false, dy, (d.n, 1), w0, (d.k, 1), threads);
             // h1 = x·Aᵀ     (rows×k · k×r)
-            gemm_into(&mut h1, (d.rows, d.r, d.k), false, x, (d.k, 1), a, (1, d.k), threads);
+            gemm_into(&mut h1, d.r, (d.rows, d.r, d.k), false, x, (d.k, 1), a, (1, d.k), threads);
         }
         if self.scale != 1.0 {
             gb.iter_mut().for_each(|v| *v *= self.scale);
@@ -1107,12 +1145,22 @@ impl CustomOp3 for LoraSbGrad {
             let dri = &mut dr[i * d.r * d.r..(i + 1) * d.r * d.r];
             unsafe {
                 // t = gB·R     (per×r · r×r), dR = gBᵀ·h1   (r×per · per×r)
-                gemm_into(&mut t[rows.clone()], (per, d.r, d.r), false, &gb[rows.clone()], (d.r, 1), ri, (d.r, 1), 1);
-                gemm_into(dri, (d.r, d.r, per), false, &gb[rows.clone()], (1, d.r), &h1[rows], (d.r, 1), 1);
+                gemm_into(
+                    &mut t[rows.clone()],
+                    d.r,
+                    (per, d.r, d.r),
+                    false,
+                    &gb[rows.clone()],
+                    (d.r, 1),
+                    ri,
+                    (d.r, 1),
+                    1,
+                );
+                gemm_into(dri, d.r, (d.r, d.r, per), false, &gb[rows.clone()], (1, d.r), &h1[rows], (d.r, 1), 1);
             }
         }
         // dx += t·A   (rows×r · r×k)
-        unsafe { gemm_into(dx, (d.rows, d.k, d.r), true, &t, (d.r, 1), a, (d.k, 1), threads) };
+        unsafe { gemm_into(dx, d.k, (d.rows, d.k, d.r), true, &t, (d.r, 1), a, (d.k, 1), threads) };
         let n = out.len();
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
@@ -1475,6 +1523,26 @@ mod tests {
         let q = randn(&[1, 3, 2, 4], 1, 1.0);
         let k = randn(&[1, 2, 2, 4], 1, 1.0);
         assert!(attention(&q, &k, &k, None, 1.0).is_err(), "3 heads are not a multiple of 2");
+        // The sequence-major layout [b, t, h, d] gives the same values and gradients as the head-major one.
+        let (b, h, hkv, t, d) = (2usize, 4usize, 2usize, 5usize, 3usize);
+        let q = randn(&[b, t, h, d], 54, 1.0);
+        let k = randn(&[b, t, hkv, d], 55, 1.0);
+        let v = randn(&[b, t, hkv, d], 56, 1.0);
+        let keymask = Tensor::new(&[[1u32, 1, 1, 1, 0], [1, 1, 1, 1, 1]], &dev).unwrap();
+        let mask = crate::ops::attention_mask(Some(&keymask), b, t, t, true, 0, &dev).unwrap().unwrap();
+        let (qv, kv, vv) =
+            (Var::from_tensor(&q).unwrap(), Var::from_tensor(&k).unwrap(), Var::from_tensor(&v).unwrap());
+        let ys = attention_seq_major(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), Some(&mask), 0.6).unwrap();
+        let hm = |x: &Tensor| x.transpose(1, 2).unwrap().contiguous().unwrap();
+        let yh = attention(&hm(qv.as_tensor()), &hm(kv.as_tensor()), &hm(vv.as_tensor()), Some(&mask), 0.6).unwrap();
+        let yh = yh.transpose(1, 2).unwrap().contiguous().unwrap();
+        assert!(maxdiff(&ys, &yh) < 1e-6);
+        let up = randn(ys.dims(), 57, 1.0);
+        let gs = (ys * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let gh = (yh * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for x in [&qv, &kv, &vv] {
+            assert!(maxdiff(gs.get(x.as_tensor()).unwrap(), gh.get(x.as_tensor()).unwrap()) < 1e-5);
+        }
     }
 
     #[test]

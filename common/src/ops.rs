@@ -208,6 +208,22 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scal
     Ok(out.reshape((b, h, t, d))?)
 }
 
+/// Scaled dot-product attention on the projections' layout: `q` `[b, t, h, d]`, `k`/`v` `[b, s, h_kv, d]`,
+/// result `[b, t, h, d]`. On the CPU one fused kernel reads the heads in place (no head split/merge copies);
+/// elsewhere the heads are transposed and [`attention`] runs.
+pub fn attention_seq_major(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let (b, t, _, _) = q.dims4()?;
+    let s = k.dims4()?.1;
+    if crate::kernels::applies(q)
+        && mask.is_none_or(|m| m.dims4().is_ok_and(|(mb, mh, mt, ms)| mb == b && mh == 1 && mt == t && ms == s))
+    {
+        return Ok(crate::kernels::attention_seq_major(q, k, v, mask, scale)?);
+    }
+    let heads = |x: &Tensor| -> Result<Tensor> { Ok(x.transpose(1, 2)?.contiguous()?) };
+    let a = attention(&heads(q)?, &heads(k)?, &heads(v)?, mask, scale)?;
+    Ok(a.transpose(1, 2)?)
+}
+
 /// An additive attention mask `[b, 1, t, s]` from a key padding mask `[b, s]` (1 = token, 0 = padding),
 /// optionally causal (query `i` at absolute position `offset + i` sees keys `0..=offset + i`).
 pub fn attention_mask(

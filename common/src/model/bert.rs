@@ -184,12 +184,13 @@ impl BertModel {
         let amask = ops::attention_mask(mask, b, t, t, false, 0, self.device())?;
         let scale = 1.0 / (hd as f64).sqrt();
         for l in &self.layers {
-            let split = |y: Tensor| -> Result<Tensor> { Ok(y.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?) };
+            // Heads stay in the projections' layout [b, t, h, hd]: no split/merge copies on the CPU.
+            let split = |y: Tensor| -> Result<Tensor> { Ok(y.reshape((b, t, h, hd))?) };
             let q = split(l.query.forward(&x)?)?;
             let k = split(l.key.forward(&x)?)?;
             let v = split(l.value.forward(&x)?)?;
-            let a = ops::attention(&q, &k, &v, amask.as_ref(), scale)?;
-            let a = a.transpose(1, 2)?.reshape((b, t, d))?;
+            let a = ops::attention_seq_major(&q, &k, &v, amask.as_ref(), scale)?;
+            let a = a.reshape((b, t, d))?;
             let a = l.attn_out.forward(&a)?;
             x = ops::layer_norm(&(a + &x)?, &l.attn_norm.w, &l.attn_norm.b, self.cfg.layer_norm_eps)?;
             let f = ops::gelu_erf(&l.inter.forward(&x)?)?;
