@@ -191,6 +191,9 @@ pub struct Coordinator {
     init_privacy: String,
     /// Woken whenever the phase changes (round opened, closed, run finished).
     pub notify: Notify,
+    /// Held from an engine transition until its event is handled (persisted), so that nobody sees a finished
+    /// run whose last round is not recorded yet.
+    events: Mutex<()>,
 }
 
 /// The adapter each method trains: LoRA-SB for Fed-SB, LoRA for FedIT, FedEx-LoRA and FLoRA, FFA-LoRA (A
@@ -564,6 +567,7 @@ impl Coordinator {
             metrics_path: cfg.state_dir.join("metrics.jsonl"),
             init_privacy,
             notify: Notify::new(),
+            events: Mutex::new(()),
         })
     }
 
@@ -684,8 +688,14 @@ impl Coordinator {
 
     /// Advances the engine's clock; call every ~100 ms.
     pub fn tick(self: &Arc<Self>) {
+        let _events = self.event_guard();
         let ev = self.engine().tick(now_ms());
         self.handle(ev);
+    }
+
+    /// Hold this from an engine call that may change the phase until its event is [handled](Self::handle).
+    pub fn event_guard(&self) -> MutexGuard<'_, ()> {
+        lock(&self.events)
     }
 
     /// Acts on an engine event (from `tick` or a submit).
@@ -1042,7 +1052,11 @@ impl Coordinator {
     /// Polls until the run is finished (for the `run` command and tests).
     pub async fn wait_finished(&self, poll: Duration) {
         loop {
-            if self.engine().outcome().is_some() {
+            let finished = {
+                let _events = self.event_guard();
+                self.engine().outcome().is_some()
+            };
+            if finished {
                 return;
             }
             tokio::select! {

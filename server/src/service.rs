@@ -326,6 +326,7 @@ impl CoordinatorRpc for Service {
             return Err(Status::invalid_argument("train_loss is not finite"));
         }
         let key = UpdateKey { run_id: &h.run_id, round: h.round, task_id: &h.task_id };
+        let _events = self.c.event_guard();
         let ev = self.c.engine().submit(&id, key, &update, meta, now_ms());
         let ev = ev.map_err(|e| reject_status(&e))?;
         self.c.record_round_traffic(h.round, &id, Direction::Up, payload, message);
@@ -346,9 +347,11 @@ impl CoordinatorRpc for Service {
             return Err(reject_status(&Reject::UnknownRun(r.run_id)));
         }
         let reason: String = r.reason.chars().take(500).collect();
+        let _events = self.c.event_guard();
         let ev = self.c.engine().leave(&id, &reason, now_ms()).map_err(|e| reject_status(&e))?;
         tracing::warn!("client {id} left the run: {reason}");
         self.c.handle(Ok(ev));
+        drop(_events);
         self.c.notify.notify_waiters();
         Ok(Response::new(pb::LeaveReply { message: format!("client {id} has left run {}", self.c.run_id) }))
     }
