@@ -565,23 +565,33 @@ fn spawn_coordinator(cfg: &RunConfig, addr: std::net::SocketAddr, resume: bool) 
         .unwrap()
 }
 
+/// `fedsb-client join` for `name` on `data` against an insecure coordinator at `addr`, logging to `work/NAME.log`.
+fn join_command(
+    addr: std::net::SocketAddr,
+    name: &str,
+    f: &Fixture,
+    work: &Path,
+    data: &Path,
+) -> std::process::Command {
+    let log = std::fs::File::create(work.join(format!("{name}.log"))).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fedsb-client"));
+    cmd.args(["join", "--insecure", "--server", &format!("http://{addr}"), "--token", name, "--retry-secs", "60"])
+        .arg("--model")
+        .arg(&f.model)
+        .arg("--data")
+        .arg(data)
+        .arg("--work-dir")
+        .arg(work.join(name))
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    cmd
+}
+
 fn spawn_client(addr: std::net::SocketAddr, name: &str, f: &Fixture, work: &Path) -> std::process::Child {
     let data = work.join(format!("{name}.jsonl"));
     let seed = name.len() as u64 + name.bytes().map(u64::from).sum::<u64>();
     std::fs::write(&data, fedsb_common::model::testing::tiny_classification_jsonl(48, seed)).unwrap();
-    let log = std::fs::File::create(work.join(format!("{name}.log"))).unwrap();
-    std::process::Command::new(env!("CARGO_BIN_EXE_fedsb-client"))
-        .args(["join", "--insecure", "--server", &format!("http://{addr}"), "--token", name, "--retry-secs", "60"])
-        .arg("--model")
-        .arg(&f.model)
-        .arg("--data")
-        .arg(&data)
-        .arg("--work-dir")
-        .arg(work.join(name))
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+    join_command(addr, name, f, work, &data).spawn().unwrap()
 }
 
 fn free_addr() -> std::net::SocketAddr {
@@ -933,19 +943,9 @@ async fn with_dp_required_updates_without_a_matching_report_are_refused() {
 fn spawn_dp_client(addr: std::net::SocketAddr, name: &str, f: &Fixture, work: &Path, n: usize) -> std::process::Child {
     let data = work.join(format!("{name}.jsonl"));
     std::fs::write(&data, fedsb_common::model::testing::tiny_classification_jsonl(n, name.len() as u64)).unwrap();
-    let log = std::fs::File::create(work.join(format!("{name}.log"))).unwrap();
-    std::process::Command::new(env!("CARGO_BIN_EXE_fedsb-client"))
-        .args(["join", "--insecure", "--server", &format!("http://{addr}"), "--token", name, "--retry-secs", "60"])
-        .arg("--model")
-        .arg(&f.model)
-        .arg("--data")
-        .arg(&data)
-        .arg("--work-dir")
-        .arg(work.join(name))
+    join_command(addr, name, f, work, &data)
         // Seeded noise (test mode, which the run's spec allows) keeps the test repeatable.
         .env("FEDSB_DP_INSECURE_TEST_SEED", "11")
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
         .spawn()
         .unwrap()
 }

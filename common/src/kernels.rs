@@ -24,6 +24,41 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Resu
     }
 }
 
+/// `f` applied elementwise to one input, in parallel chunks.
+fn map1(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| {
+        for (o, &v) in o.iter_mut().zip(x) {
+            *o = f(v);
+        }
+    });
+    out
+}
+
+/// `f` applied elementwise to two inputs of one length, in parallel chunks.
+fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(o, (a, b))| {
+        for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
+            *o = f(x, y);
+        }
+    });
+    out
+}
+
+/// `f` applied elementwise to three inputs of one length, in parallel chunks.
+fn map3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK).zip(c.par_chunks(CHUNK)))).for_each(
+        |(o, (a, (b, c)))| {
+            for (((o, &x), &y), &z) in o.iter_mut().zip(a).zip(b).zip(c) {
+                *o = f(x, y, z);
+            }
+        },
+    );
+    out
+}
+
 /// erf(x) for f32: the rational approximation of Eigen / XLA (`generic_fast_erf_float`), |error| < 2e-7 on
 /// the whole line (tested against `libm::erff`); branch-free, so loops over it vectorize.
 #[inline(always)]
@@ -58,12 +93,7 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "gelu")?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| {
-            for (o, &v) in o.iter_mut().zip(x) {
-                *o = v * 0.5 * (1.0 + erf_f32(v * FRAC_1_SQRT_2));
-            }
-        });
+        let out = map1(x, |v| v * 0.5 * (1.0 + erf_f32(v * FRAC_1_SQRT_2)));
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -88,13 +118,10 @@ impl CustomOp2 for GeluErfGrad {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, dy) = (f32_slice(s1, l1, "gelu grad")?, f32_slice(s2, l2, "gelu grad")?);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))).for_each(|(o, (x, dy))| {
-            for ((o, &v), &g) in o.iter_mut().zip(x).zip(dy) {
-                let cdf = 0.5 * (1.0 + erf_f32(v * FRAC_1_SQRT_2));
-                let pdf = INV_SQRT_2PI * (-0.5 * v * v).exp();
-                *o = g * (cdf + v * pdf);
-            }
+        let out = map2(x, dy, |v, g| {
+            let cdf = 0.5 * (1.0 + erf_f32(v * FRAC_1_SQRT_2));
+            let pdf = INV_SQRT_2PI * (-0.5 * v * v).exp();
+            g * (cdf + v * pdf)
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -577,12 +604,7 @@ impl CustomOp2 for SiluMul {
         if l1.shape() != l2.shape() {
             candle_core::bail!("silu·gate: gate {:?} but up {:?}", l1.shape(), l2.shape());
         }
-        let mut out = vec![0f32; g.len()];
-        out.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(o, (g, u))| {
-            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                *o = g * sigmoid(g) * u;
-            }
-        });
+        let out = map2(g, u, |g, u| g * sigmoid(g) * u);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -619,15 +641,10 @@ impl CustomOp3 for SiluMulGradGate {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (g, u, dy) =
             (f32_slice(s1, l1, "silu grad")?, f32_slice(s2, l2, "silu grad")?, f32_slice(s3, l3, "silu grad")?);
-        let mut out = vec![0f32; g.len()];
-        out.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))).for_each(
-            |(o, (g, (u, dy)))| {
-                for (((o, &g), &u), &d) in o.iter_mut().zip(g).zip(u).zip(dy) {
-                    let sg = sigmoid(g);
-                    *o = d * u * sg * (1.0 + g * (1.0 - sg));
-                }
-            },
-        );
+        let out = map3(g, u, dy, |g, u, d| {
+            let sg = sigmoid(g);
+            d * u * sg * (1.0 + g * (1.0 - sg))
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -648,12 +665,7 @@ impl CustomOp2 for SiluMulGradUp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (g, dy) = (f32_slice(s1, l1, "silu grad")?, f32_slice(s2, l2, "silu grad")?);
-        let mut out = vec![0f32; g.len()];
-        out.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))).for_each(|(o, (g, dy))| {
-            for ((o, &g), &d) in o.iter_mut().zip(g).zip(dy) {
-                *o = d * g * sigmoid(g);
-            }
-        });
+        let out = map2(g, dy, |g, d| d * g * sigmoid(g));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

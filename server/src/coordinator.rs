@@ -778,7 +778,7 @@ impl Coordinator {
                     down_wire_bytes: 0,
                     analytic_min_bytes: self.analytic_min_bytes,
                     privacy: BTreeMap::new(),
-                    worst_epsilon: self.privacy_summary().ok().and_then(|p| p.worst_epsilon),
+                    worst_epsilon: self.worst_epsilon(),
                 });
                 self.after_phase_change();
             }
@@ -916,7 +916,7 @@ impl Coordinator {
             up_wire_bytes: sum(Direction::Up, &|e| e.wire_bytes.unwrap_or(0)),
             down_wire_bytes: sum(Direction::Down, &|e| e.wire_bytes.unwrap_or(0)),
             analytic_min_bytes: self.analytic_min_bytes,
-            worst_epsilon: self.privacy_summary().ok().and_then(|p| p.worst_epsilon),
+            worst_epsilon: self.worst_epsilon(),
             privacy,
         };
         self.write_metrics(&m);
@@ -1018,6 +1018,12 @@ impl Coordinator {
             worst_epsilon,
             left: self.engine().left().clone(),
         })
+    }
+
+    /// The largest ε any client has reported (None in a run without DP: the store is not read then).
+    fn worst_epsilon(&self) -> Option<f64> {
+        self.spec.dp.as_ref()?;
+        self.privacy_summary().ok().and_then(|p| p.worst_epsilon)
     }
 
     /// The status document served by `GetStatus`.
