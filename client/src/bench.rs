@@ -49,6 +49,25 @@ pub struct BenchArgs {
     /// OS-seeded CSPRNG) on the same batches, and its ratio to the plain step.
     #[arg(long)]
     dp: bool,
+    /// Also print where the plain (and, with --dp, the DP) step's time goes: each fused kernel's forward and
+    /// backward, the GEMMs inside them, and what candle's own ops and autograd bookkeeping take (per step,
+    /// averaged over the timed steps).
+    #[arg(long)]
+    profile: bool,
+    /// Instead of the model steps: each fused kernel alone, forward and forward + backward, against the
+    /// composite candle ops it replaces (median of --steps runs).
+    #[arg(long)]
+    kernels: bool,
+    /// Instead of the model steps: the LoRA-SB init's randomized SVD (oversample 8, 6 power iterations) at
+    /// --svd-shapes and --svd-ranks, time and accuracy (as the PyTorch peer's bench_svd.py).
+    #[arg(long)]
+    svd: bool,
+    /// Matrix shapes of --svd (ROWSxCOLS, comma-separated).
+    #[arg(long, default_value = "576x576,1536x576,3072x3072,8192x3072")]
+    svd_shapes: String,
+    /// Ranks of --svd (comma-separated).
+    #[arg(long, default_value = "32,200")]
+    svd_ranks: String,
     /// Run the models in this process (used internally).
     #[arg(long, hide = true)]
     in_process: bool,
@@ -78,6 +97,21 @@ const SMOLLM: Shape =
 
 /// Runs `fedsb-client bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
+    if a.kernels || a.svd {
+        if a.kernels {
+            crate::kernel_bench::run(a.json, a.steps)?;
+        }
+        if a.svd {
+            let shapes = crate::svd_bench::parse_shapes(&a.svd_shapes)?;
+            let ranks: Vec<usize> = a
+                .svd_ranks
+                .split(',')
+                .map(|r| r.trim().parse::<usize>().with_context(|| format!("rank `{r}`")))
+                .collect::<Result<_>>()?;
+            crate::svd_bench::run(a.json, &shapes, &ranks, a.steps, (8, 6))?;
+        }
+        return Ok(());
+    }
     let models: Vec<String> = a.models.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
     for m in &models {
         if m != "minilm" && m != "smollm" {
@@ -97,6 +131,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             }
             if a.dp {
                 cmd.arg("--dp");
+            }
+            if a.profile {
+                cmd.arg("--profile");
             }
             let status = cmd.status().with_context(|| format!("running the {m} bench"))?;
             if !status.success() {
@@ -209,6 +246,10 @@ fn bench_model(a: &BenchArgs, root: &std::path::Path, shape: &Shape) -> Result<(
         let (mut first, mut last) = (f64::NAN, f64::NAN);
         for i in 0..total {
             let b = &batches[i % batches.len()];
+            if a.profile && i == a.warmup {
+                fedsb_common::profile::take();
+                fedsb_common::profile::set_enabled(true);
+            }
             let t = Instant::now();
             let o = trainer.step(std::slice::from_ref(b))?;
             let ms = t.elapsed().as_secs_f64() * 1e3;
@@ -220,6 +261,7 @@ fn bench_model(a: &BenchArgs, root: &std::path::Path, shape: &Shape) -> Result<(
                 times.push(ms);
             }
         }
+        let profile = a.profile.then(|| finish_profile(&times));
         let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
         let max = times.iter().cloned().fold(0.0, f64::max);
         let med = median(&mut times);
@@ -236,6 +278,9 @@ fn bench_model(a: &BenchArgs, root: &std::path::Path, shape: &Shape) -> Result<(
                 "peak_rss_mib": peak_rss_mib(),
             }),
         );
+        if let Some(p) = profile {
+            emit_profile(a.json, shape, kind, "train_step", p);
+        }
         if a.dp {
             bench_dp_step(a, shape, &model, &batches, kind, med)?;
         }
@@ -270,6 +315,10 @@ fn bench_dp_step(
     let mut clipped = 0usize;
     for i in 0..total {
         let b = &batches[i % batches.len()];
+        if a.profile && i == a.warmup {
+            fedsb_common::profile::take();
+            fedsb_common::profile::set_enabled(true);
+        }
         let t = Instant::now();
         let (_, st) = dp_step(&mut trainer, std::slice::from_ref(b), &dp, &mut rng)?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
@@ -278,6 +327,7 @@ fn bench_dp_step(
             clipped += st.clipped;
         }
     }
+    let profile = a.profile.then(|| finish_profile(&times));
     let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
     let med = median(&mut times);
     emit(
@@ -292,7 +342,100 @@ fn bench_dp_step(
             "device": a.device, "peak_rss_mib": peak_rss_mib(),
         }),
     );
+    if let Some(p) = profile {
+        emit_profile(a.json, shape, kind, "train_step_dp", p);
+    }
     Ok(())
+}
+
+/// The recorded spans of the timed steps, per step: stops recording.
+fn finish_profile(times: &[f64]) -> StepProfile {
+    use fedsb_common::profile;
+    profile::set_enabled(false);
+    let steps = times.len().max(1) as f64;
+    let spans = profile::take();
+    let mut rows: Vec<ProfileRow> = Vec::new();
+    let phases: Vec<_> = spans.iter().filter(|s| s.name.starts_with(profile::PHASE_PREFIX)).collect();
+    let mut gemm_ms = 0.0;
+    for ph in &phases {
+        let phase_ms = ph.seconds * 1e3 / steps;
+        let label = ph.name.trim_start_matches(profile::PHASE_PREFIX);
+        rows.push(ProfileRow { phase: label.into(), op: String::new(), ms: phase_ms, calls: ph.calls as f64 / steps });
+        let mut inside = 0.0;
+        for s in spans.iter().filter(|s| s.phase == ph.name && !s.name.starts_with(profile::PHASE_PREFIX)) {
+            let ms = s.seconds * 1e3 / steps;
+            if s.name == "gemm" {
+                gemm_ms += ms;
+                rows.push(ProfileRow {
+                    phase: label.into(),
+                    op: "(of which GEMM in kernels)".into(),
+                    ms,
+                    calls: s.calls as f64 / steps,
+                });
+                continue;
+            }
+            inside += ms;
+            let op = s.name.trim_start_matches("fedsb-").to_string();
+            rows.push(ProfileRow { phase: label.into(), op, ms, calls: s.calls as f64 / steps });
+        }
+        let other =
+            if label == "backward" { "candle ops + autograd bookkeeping" } else { "candle ops (outside the kernels)" };
+        rows.push(ProfileRow { phase: label.into(), op: other.into(), ms: (phase_ms - inside).max(0.0), calls: 0.0 });
+    }
+    let step_ms = times.iter().sum::<f64>() / steps;
+    let phased: f64 = phases.iter().map(|p| p.seconds * 1e3 / steps).sum();
+    rows.push(ProfileRow {
+        phase: "rest".into(),
+        op: "outside the phases".into(),
+        ms: (step_ms - phased).max(0.0),
+        calls: 0.0,
+    });
+    StepProfile { step_ms, gemm_ms, rows }
+}
+
+/// Where a step's time goes (see [`fedsb_common::profile`]).
+struct StepProfile {
+    step_ms: f64,
+    gemm_ms: f64,
+    rows: Vec<ProfileRow>,
+}
+
+/// One line of a [`StepProfile`]: a phase total (empty `op`) or one op inside it.
+struct ProfileRow {
+    phase: String,
+    op: String,
+    ms: f64,
+    calls: f64,
+}
+
+fn emit_profile(json: bool, shape: &Shape, kind: AdapterKind, what: &str, p: StepProfile) {
+    if json {
+        let rows: Vec<_> = p
+            .rows
+            .iter()
+            .map(|r| json!({"phase": r.phase, "op": r.op, "ms_per_step": r.ms, "calls_per_step": r.calls}))
+            .collect();
+        println!(
+            "{}",
+            json!({"model": shape.name, "what": format!("{what}_profile"), "adapter": kind.as_str(),
+                   "ms_per_step_mean": p.step_ms, "gemm_ms_per_step": p.gemm_ms, "rows": rows})
+        );
+        return;
+    }
+    println!(
+        "{} {} {what}: where the time goes (mean of the timed steps: {:.1} ms/step; GEMM inside the kernels {:.1} ms = {:.0}%)",
+        shape.name,
+        kind.as_str(),
+        p.step_ms,
+        p.gemm_ms,
+        100.0 * p.gemm_ms / p.step_ms
+    );
+    println!("  {:<12} {:<40} {:>10} {:>8} {:>10}", "phase", "op", "ms/step", "share", "calls/step");
+    for r in &p.rows {
+        let calls = if r.calls > 0.0 { format!("{:.0}", r.calls) } else { String::new() };
+        let op = if r.op.is_empty() { "(total)" } else { &r.op };
+        println!("  {:<12} {:<40} {:>10.1} {:>7.1}% {:>10}", r.phase, op, r.ms, 100.0 * r.ms / p.step_ms, calls);
+    }
 }
 
 /// The examples of one batch, back as [`Encoded`] (for the timed init on the bench's own data).

@@ -4,8 +4,10 @@ mod bench;
 mod device;
 mod finetune;
 mod join;
+mod kernel_bench;
 mod privacy;
 mod progress;
+mod svd_bench;
 
 use clap::{Parser, Subcommand};
 

@@ -18,6 +18,8 @@ pub mod export;
 pub mod kernels;
 pub mod model;
 pub mod ops;
+pub mod profile;
+pub mod simd;
 pub mod spec;
 pub mod tensors;
 pub mod train;

@@ -30,6 +30,7 @@ impl CustomOp2 for FrozenMatmul {
         w: &CpuStorage,
         w_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _p = crate::profile::span(self.name());
         let (n, k) = x_l.shape().dims2()?;
         let (m, k2) = w_l.shape().dims2()?;
         if k != k2 {

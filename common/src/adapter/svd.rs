@@ -222,7 +222,9 @@ fn pack(u: MatRef<'_, f32>, s: &[f32], v: MatRef<'_, f32>, rank: usize) -> Resul
 /// (`Par::rayon(0)`); QR and the small SVD run sequentially, so the output is bit-identical for
 /// any thread count (see the module docs).
 pub fn randomized_svd(data: &[f32], rows: usize, cols: usize, cfg: &RsvdConfig) -> Result<TruncatedSvd, SvdError> {
-    randomized_svd_par(data, rows, cols, cfg, Par::rayon(0))
+    let out = randomized_svd_par(data, rows, cols, cfg, Par::rayon(0));
+    crate::simd::clear_upper_simd_state_everywhere();
+    out
 }
 
 /// [`randomized_svd`] with `par` for the matrix products (QR and the small SVD are always `Par::Seq`).
@@ -264,8 +266,50 @@ pub fn exact_svd(data: &[f32], rows: usize, cols: usize, rank: usize) -> Result<
     validate(data, rows, cols, rank)?;
     let (a, transposed) = tall_view(data, rows, cols);
     let (u, s, v) = thin_svd(a, Par::Seq)?;
+    crate::simd::clear_upper_simd_state();
     let (u, v) = (u.get(.., ..rank), v.get(.., ..rank));
     if transposed { pack(v, &s, u, rank) } else { pack(u, &s, v, rank) }
+}
+
+/// A row-major `rows × cols` matrix `Q1·diag(sigma)·Q2ᵀ` with random orthonormal `Q1`, `Q2` (seeded):
+/// a known spectrum, to measure a truncated SVD's accuracy (`fedsb-client bench --svd`). `sigma` has
+/// `min(rows, cols)` values.
+pub fn matrix_with_spectrum(rows: usize, cols: usize, sigma: &[f32], seed: u64) -> Vec<f32> {
+    let k = sigma.len().min(rows).min(cols);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut ortho = |n: usize| {
+        let g: Vec<f32> = (0..n * k).map(|_| rng.sample(StandardNormal)).collect();
+        orthonormalize(MatRef::from_column_major_slice(&g, n, k).to_owned(), Par::rayon(0))
+    };
+    let (q1, q2) = (ortho(rows), ortho(cols));
+    let scaled = Mat::<f32>::from_fn(rows, k, |i, j| q1[(i, j)] * sigma[j]);
+    let m = mul(scaled.as_ref(), q2.transpose(), Par::rayon(0));
+    crate::simd::clear_upper_simd_state_everywhere();
+    let mut out = Vec::with_capacity(rows * cols);
+    for i in 0..rows {
+        out.extend((0..cols).map(|j| m[(i, j)]));
+    }
+    out
+}
+
+impl TruncatedSvd {
+    /// `‖M − U·diag(S)·Vᵀ‖_F / ‖M‖_F` for the row-major matrix `m` this factorizes.
+    pub fn relative_error(&self, m: &[f32]) -> f64 {
+        let u = MatRef::from_row_major_slice(&self.u, self.rows, self.rank);
+        let us = Mat::<f32>::from_fn(self.rows, self.rank, |i, j| u[(i, j)] * self.s[j]);
+        let vt = MatRef::from_row_major_slice(&self.vt, self.rank, self.cols);
+        let approx = mul(us.as_ref(), vt, Par::rayon(0));
+        crate::simd::clear_upper_simd_state_everywhere();
+        let (mut num, mut den) = (0f64, 0f64);
+        for i in 0..self.rows {
+            for j in 0..self.cols {
+                let x = m[i * self.cols + j] as f64;
+                num += (x - approx[(i, j)] as f64).powi(2);
+                den += x * x;
+            }
+        }
+        (num / den.max(f64::MIN_POSITIVE)).sqrt()
+    }
 }
 
 #[cfg(test)]

@@ -104,15 +104,20 @@ pub fn dp_step(
         let n = batch.len();
         let grads = {
             let scope = PerSampleScope::enter(&vars, n)?;
+            let fwd = crate::profile::span("step/forward");
             let out = per_sample_loss(model, batch)?;
             let losses = out.losses.to_vec1::<f32>()?;
+            drop(fwd);
             if let Some(bad) = losses.iter().find(|l| !l.is_finite()) {
                 return Err(Error::Numerics(format!("a per-sample loss is {bad}; no update was made")));
             }
             loss_sum += losses.iter().map(|&l| l as f64).sum::<f64>();
+            let bwd = crate::profile::span("step/backward");
             let store = out.losses.sum_all()?.backward()?;
+            drop(bwd);
             scope.grads(&store)?
         };
+        let _clip = crate::profile::span("step/clip-noise-optimizer");
         // Flat per-sample norms over every trainable tensor.
         let mut sq = Tensor::zeros(n, candle_core::DType::F32, model.device())?;
         for g in &grads {
@@ -142,6 +147,7 @@ pub fn dp_step(
         stats.batch_size += n;
         tokens += batch.real_tokens;
     }
+    let _tail = crate::profile::span("step/clip-noise-optimizer");
     let std = dp.noise_std();
     let scale = 1.0 / dp.expected_batch_size as f64;
     let mut noisy = Vec::with_capacity(sums.len());

@@ -186,12 +186,16 @@ impl<'m> Trainer<'m> {
         let mut acc: Vec<Option<Tensor>> = vec![None; self.vars.len()];
         let (mut loss_sum, mut tokens, mut samples) = (0.0, 0, 0);
         for batch in micro {
+            let fwd = crate::profile::span("step/forward");
             let out = batch_loss(self.model, batch)?;
             let lv = out.loss.to_scalar::<f32>()? as f64;
+            drop(fwd);
             if !lv.is_finite() {
                 return Err(Error::Numerics(format!("loss is {lv} at step {step}; no update was made")));
             }
+            let bwd = crate::profile::span("step/backward");
             let grads = (out.loss / k)?.backward()?;
+            drop(bwd);
             for (slot, (name, var)) in acc.iter_mut().zip(&self.vars) {
                 let g = grads.get(var.as_tensor()).ok_or_else(|| {
                     Error::Numerics(format!("no gradient reached `{name}`: the autograd graph is cut"))
@@ -205,6 +209,7 @@ impl<'m> Trainer<'m> {
             tokens += batch.real_tokens;
             samples += batch.len();
         }
+        let _opt = crate::profile::span("step/optimizer");
         let grads: Vec<Tensor> = acc.into_iter().flatten().collect();
         let mut sq = 0f64;
         for g in &grads {
