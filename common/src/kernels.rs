@@ -24,44 +24,28 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Resu
     }
 }
 
-/// `f` applied elementwise to one input, in parallel chunks.
+/// `f` applied elementwise to one input, in parallel chunks (8 wide with AVX2, see [`crate::simd`]).
 fn map1(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| {
-        crate::simd::vectorized(|| {
-            for (o, &v) in o.iter_mut().zip(x) {
-                *o = f(v);
-            }
-        })
-    });
+    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| crate::simd::apply1(o, x, &f));
     out
 }
 
 /// `f` applied elementwise to two inputs of one length, in parallel chunks.
 fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     let mut out = vec![0f32; a.len()];
-    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(o, (a, b))| {
-        crate::simd::vectorized(|| {
-            for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
-                *o = f(x, y);
-            }
-        })
-    });
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(o, (a, b))| crate::simd::apply2(o, a, b, &f));
     out
 }
 
 /// `f` applied elementwise to three inputs of one length, in parallel chunks.
 fn map3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32 + Sync) -> Vec<f32> {
     let mut out = vec![0f32; a.len()];
-    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK).zip(c.par_chunks(CHUNK)))).for_each(
-        |(o, (a, (b, c)))| {
-            crate::simd::vectorized(|| {
-                for (((o, &x), &y), &z) in o.iter_mut().zip(a).zip(b).zip(c) {
-                    *o = f(x, y, z);
-                }
-            })
-        },
-    );
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK).zip(c.par_chunks(CHUNK))))
+        .for_each(|(o, (a, (b, c)))| crate::simd::apply3(o, a, b, c, &f));
     out
 }
 
@@ -149,16 +133,14 @@ impl CustomOp1 for Softmax {
         let n = l.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, x)| {
-            crate::simd::vectorized(|| {
-                let max = crate::simd::max(x);
-                for (o, &v) in o.iter_mut().zip(x) {
-                    *o = crate::simd::exp_f32(v - max);
-                }
-                let inv = 1.0 / crate::simd::sum_map(o, |e| e);
-                for o in o.iter_mut() {
-                    *o *= inv;
-                }
-            })
+            let max = crate::simd::max(x);
+            for (o, &v) in o.iter_mut().zip(x) {
+                *o = crate::simd::exp_f32(v - max);
+            }
+            let inv = 1.0 / crate::simd::sum_map(o, |e| e);
+            for o in o.iter_mut() {
+                *o *= inv;
+            }
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -188,12 +170,10 @@ impl CustomOp2 for SoftmaxGrad {
         let n = l1.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; y.len()];
         out.par_chunks_mut(n).zip(y.par_chunks(n).zip(dy.par_chunks(n))).for_each(|(o, (y, dy))| {
-            crate::simd::vectorized(|| {
-                let dot = crate::simd::dot(y, dy);
-                for ((o, &y), &g) in o.iter_mut().zip(y).zip(dy) {
-                    *o = y * (g - dot);
-                }
-            })
+            let dot = crate::simd::dot(y, dy);
+            for ((o, &y), &g) in o.iter_mut().zip(y).zip(dy) {
+                *o = y * (g - dot);
+            }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -236,12 +216,10 @@ impl CustomOp3 for LayerNorm {
         }
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, x)| {
-            crate::simd::vectorized(|| {
-                let (mean, rstd) = moments(x, self.eps);
-                for (((o, &v), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
-                    *o = (v - mean) * rstd * w + b;
-                }
-            })
+            let (mean, rstd) = moments(x, self.eps);
+            for (((o, &v), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
+                *o = (v - mean) * rstd * w + b;
+            }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -287,7 +265,7 @@ impl CustomOp3 for LayerNormGrad {
         let n = w.len();
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(n).zip(x.par_chunks(n).zip(dy.par_chunks(n))).for_each(|(o, (x, dy))| {
-            crate::simd::vectorized(|| {
+            {
                 let (mean, rstd) = moments(x, self.eps);
                 let inv_n = 1.0 / n as f32;
                 // o holds g = w ⊙ dy first.
@@ -300,7 +278,7 @@ impl CustomOp3 for LayerNormGrad {
                     let xhat = (v - mean) * rstd;
                     *o = rstd * (*o - mg - xhat * mgx);
                 }
-            })
+            }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -336,12 +314,10 @@ impl CustomOp2 for RmsNorm {
         }
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, x)| {
-            crate::simd::vectorized(|| {
-                let r = rms_rstd(x, self.eps);
-                for ((o, &v), &w) in o.iter_mut().zip(x).zip(w) {
-                    *o = v * r * w;
-                }
-            })
+            let r = rms_rstd(x, self.eps);
+            for ((o, &v), &w) in o.iter_mut().zip(x).zip(w) {
+                *o = v * r * w;
+            }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -386,7 +362,7 @@ impl CustomOp3 for RmsNormGrad {
         let n = w.len();
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(n).zip(x.par_chunks(n).zip(dy.par_chunks(n))).for_each(|(o, (x, dy))| {
-            crate::simd::vectorized(|| {
+            {
                 let r = rms_rstd(x, self.eps);
                 // o holds w ⊙ dy first.
                 for ((o, &w), &d) in o.iter_mut().zip(w).zip(dy) {
@@ -396,7 +372,7 @@ impl CustomOp3 for RmsNormGrad {
                 for (o, &v) in o.iter_mut().zip(x) {
                     *o = r * (*o - v * r * r * mgx);
                 }
-            })
+            }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -476,11 +452,9 @@ impl CustomOp3 for FrozenLinear {
         let mut out = vec![0f32; rows * n];
         if n > 0 {
             out.par_chunks_mut(n * 64).for_each(|o| {
-                crate::simd::vectorized(|| {
-                    for row in o.chunks_mut(n) {
-                        row.copy_from_slice(b);
-                    }
-                })
+                for row in o.chunks_mut(n) {
+                    row.copy_from_slice(b);
+                }
             });
         }
         let threads = candle_core::utils::get_num_threads();
@@ -497,7 +471,37 @@ impl CustomOp3 for FrozenLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(w)?), None, None))
+        Ok((Some(grad.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &FrozenLinearGrad)?), None, None))
+    }
+}
+
+/// The input gradient of [`FrozenLinear`]: `dx = dy · w` (`dy` `[rows, n]`, `w` `[n, k]`), on faer's GEMM.
+struct FrozenLinearGrad;
+
+impl CustomOp2 for FrozenLinearGrad {
+    fn name(&self) -> &'static str {
+        "fedsb-frozen-linear-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _p = crate::profile::span(self.name());
+        let (dy, w) = (f32_slice(s1, l1, "linear grad")?, f32_slice(s2, l2, "linear grad")?);
+        let (rows, n) = l1.shape().dims2()?;
+        let (n2, k) = l2.shape().dims2()?;
+        if n != n2 {
+            candle_core::bail!("linear grad: dy [{rows}, {n}], w [{n2}, {k}]");
+        }
+        let mut dx = vec![0f32; rows * k];
+        let threads = candle_core::utils::get_num_threads();
+        // SAFETY: dy is rows×n and w is n×k, both row-major; dx is rows×k.
+        unsafe { gemm_into(&mut dx, k, (rows, k, n), false, dy, (n, 1), w, (k, 1), threads) };
+        Ok((CpuStorage::F32(dx), Shape::from((rows, k))))
     }
 }
 
@@ -554,9 +558,7 @@ impl CustomOp2 for TokenNll {
         }
         let mut out = vec![0f32; m];
         out.par_iter_mut().zip(x.par_chunks(c.max(1))).zip(t.par_iter()).for_each(|((o, row), &t)| {
-            crate::simd::vectorized(|| {
-                *o = log_sum_exp(row) - row[t as usize];
-            })
+            *o = log_sum_exp(row) - row[t as usize];
         });
         Ok((CpuStorage::F32(out), Shape::from(m)))
     }
@@ -598,13 +600,11 @@ impl CustomOp3 for TokenNllGrad {
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(c.max(1)).zip(x.par_chunks(c.max(1))).zip(t.par_iter().zip(g.par_iter())).for_each(
             |((o, row), (&t, &g))| {
-                crate::simd::vectorized(|| {
-                    let lse = log_sum_exp(row);
-                    for (o, &v) in o.iter_mut().zip(row) {
-                        *o = g * crate::simd::exp_f32(v - lse);
-                    }
-                    o[t as usize] -= g;
-                })
+                let lse = log_sum_exp(row);
+                for (o, &v) in o.iter_mut().zip(row) {
+                    *o = g * crate::simd::exp_f32(v - lse);
+                }
+                o[t as usize] -= g;
             },
         );
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -739,15 +739,13 @@ impl CustomOp3 for Rope {
         let sign = if self.inverse { -1.0f32 } else { 1.0 };
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().for_each(|(row, (o, x))| {
-            crate::simd::vectorized(|| {
-                let p = row % t;
-                let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
-                for i in 0..half {
-                    let (x1, x2, si) = (x[i], x[i + half], sign * s[i]);
-                    o[i] = x1 * c[i] - x2 * si;
-                    o[i + half] = x2 * c[i] + x1 * si;
-                }
-            })
+            let p = row % t;
+            let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+            for i in 0..half {
+                let (x1, x2, si) = (x[i], x[i + half], sign * s[i]);
+                o[i] = x1 * c[i] - x2 * si;
+                o[i + half] = x2 * c[i] + x1 * si;
+            }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -822,7 +820,19 @@ impl Attention {
         let AttnDims { t, s, d, .. } = dm;
         // SAFETY: q is t×d (row stride qrs), k is s×d (row stride krs) read as kᵀ, p is t×s.
         unsafe { gemm_into(p, s, (t, s, d), false, q, (qrs, 1), k, (1, krs), 1) };
-        crate::simd::vectorized(|| self.softmax_rows(bi, t, s, p));
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return unsafe { self.softmax_rows_avx2(bi, t, s, p) };
+        }
+        self.softmax_rows(bi, t, s, p);
+    }
+
+    /// [`Self::softmax_rows`] compiled for AVX2 + FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn softmax_rows_avx2(&self, bi: usize, t: usize, s: usize, p: &mut [f32]) {
+        self.softmax_rows(bi, t, s, p)
     }
 
     /// Scales, masks and softmaxes the t rows of s scores of batch `bi` in place.
@@ -962,14 +972,14 @@ impl CustomOp3 for AttentionGrad {
                         gemm_into(&mut dp, s, (t, s, d), false, &dyblk[qo..], (qrs, 1), &vblk[ko..], (1, krs), 1)
                     };
                     // dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale
-                    crate::simd::vectorized(|| {
+                    {
                         for (pr, dr) in p.chunks(s).zip(dp.chunks_mut(s)) {
                             let dot = crate::simd::dot(pr, dr);
                             for (x, &pv) in dr.iter_mut().zip(pr) {
                                 *x = pv * (*x - dot) * scale;
                             }
                         }
-                    });
+                    };
                     // dQ = dS·K     (t×s · s×d)
                     unsafe { gemm_into(&mut dq[qo..], qrs, (t, d, s), false, &dp, (s, 1), &kblk[ko..], (krs, 1), 1) };
                     // dK += dSᵀ·Q   (s×t · t×d)
@@ -1106,11 +1116,9 @@ impl CustomOp2 for LoraSbLinear {
             let (bsg, bsl) = bias.storage_and_layout();
             let bias = storage_f32(&bsg, bsl, "LoRA-SB bias")?;
             out.par_chunks_mut(d.n.max(1) * 64).for_each(|o| {
-                crate::simd::vectorized(|| {
-                    for row in o.chunks_mut(d.n.max(1)) {
-                        row.copy_from_slice(bias);
-                    }
-                })
+                for row in o.chunks_mut(d.n.max(1)) {
+                    row.copy_from_slice(bias);
+                }
             });
         }
         let mut h1 = vec![0f32; d.rows * d.r];
