@@ -505,6 +505,51 @@ impl CustomOp2 for FrozenLinearGrad {
     }
 }
 
+/// `x · wᵀ` for a frozen `w` `[n, k]` (no bias): the forward and its input gradient on faer's GEMM (the LM head).
+struct FrozenMatmulK;
+
+impl CustomOp2 for FrozenMatmulK {
+    fn name(&self) -> &'static str {
+        "fedsb-frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _p = crate::profile::span(self.name());
+        let (x, w) = (f32_slice(s1, l1, "matmul")?, f32_slice(s2, l2, "matmul")?);
+        let (rows, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("matmul: x [{rows}, {k}], w [{n}, {k2}]");
+        }
+        let mut out = vec![0f32; rows * n];
+        let threads = candle_core::utils::get_num_threads();
+        // SAFETY: x is rows×k row-major; wᵀ (k×n) is w read with row stride 1 and column stride k.
+        unsafe { gemm_into(&mut out, n, (rows, n, k), false, x, (k, 1), w, (1, k), threads) };
+        Ok((CpuStorage::F32(out), Shape::from((rows, n))))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &FrozenLinearGrad)?), None))
+    }
+}
+
+/// `x · wᵀ` for a frozen `w` `[n, k]`, `x` `[rows, k]` (CPU f32); the gradient is `x`'s only.
+pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, FrozenMatmulK)
+}
+
 /// `x · wᵀ + b` for a frozen `w` `[n, k]` and bias `b` `[n]`, `x` `[rows, k]` (CPU f32).
 pub fn frozen_linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, FrozenLinear)
@@ -1143,12 +1188,15 @@ impl CustomOp2 for LoraSbLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad_op = LoraSbGrad { w0: self.w0.clone(), a: self.a.clone(), b: self.b.clone(), scale: self.scale };
+        // The input gradient only where the graph needs it (not for the first layer's input, the embeddings).
+        let need_dx = x.track_op();
+        let grad_op =
+            LoraSbGrad { w0: self.w0.clone(), a: self.a.clone(), b: self.b.clone(), scale: self.scale, need_dx };
         let packed = x.apply_op3_no_bwd(r, &grad.contiguous()?, &grad_op)?;
-        let nx = x.elem_count();
-        let dx = packed.narrow(0, 0, nx)?.reshape(x.shape())?;
+        let nx = if need_dx { x.elem_count() } else { 0 };
+        let dx = if need_dx { Some(packed.narrow(0, 0, nx)?.reshape(x.shape())?) } else { None };
         let dr = packed.narrow(0, nx, r.elem_count())?.reshape(r.shape())?;
-        Ok((Some(dx), Some(dr)))
+        Ok((dx, Some(dr)))
     }
 }
 
@@ -1158,6 +1206,8 @@ struct LoraSbGrad {
     a: Tensor,
     b: Tensor,
     scale: f32,
+    /// Whether to compute `dx` (output `[dx, dR]` flat) or only `dR`.
+    need_dx: bool,
 }
 
 impl CustomOp3 for LoraSbGrad {
@@ -1192,7 +1242,7 @@ impl CustomOp3 for LoraSbGrad {
             storage_f32(&bg, bl, "LoRA-SB B")?,
         );
         let threads = candle_core::utils::get_num_threads();
-        let (nx, nr) = (x.len(), rm.len());
+        let (nx, nr) = (if self.need_dx { x.len() } else { 0 }, rm.len());
         let mut out = vec![0f32; nx + nr];
         let (dx, dr) = out.split_at_mut(nx);
         let mut gb = vec![0f32; d.rows * d.r];
@@ -1203,7 +1253,9 @@ impl CustomOp3 for LoraSbGrad {
             // gB = s·dy·B   (rows×n · n×r)
             gemm_into(&mut gb, d.r, (d.rows, d.r, d.n), false, dy, (d.n, 1), b, (d.r, 1), threads);
             // dx = dy·W0    (rows×n · n×k)
-            gemm_into(dx, d.k, (d.rows, d.k, d.n), false, dy, (d.n, 1), w0, (d.k, 1), threads);
+            if self.need_dx {
+                gemm_into(dx, d.k, (d.rows, d.k, d.n), false, dy, (d.n, 1), w0, (d.k, 1), threads);
+            }
             // h1 = x·Aᵀ     (rows×k · k×r)
             gemm_into(&mut h1, d.r, (d.rows, d.r, d.k), false, x, (d.k, 1), a, (1, d.k), threads);
         }
@@ -1232,7 +1284,9 @@ impl CustomOp3 for LoraSbGrad {
             }
         }
         // dx += t·A   (rows×r · r×k)
-        unsafe { gemm_into(dx, d.k, (d.rows, d.k, d.r), true, &t, (d.r, 1), a, (d.k, 1), threads) };
+        if self.need_dx {
+            unsafe { gemm_into(dx, d.k, (d.rows, d.k, d.r), true, &t, (d.r, 1), a, (d.k, 1), threads) };
+        }
         let n = out.len();
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
@@ -1439,6 +1493,25 @@ mod tests {
         let r = x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
         assert!(maxdiff(&y, &r) < 1e-5);
         assert!(frozen_linear(&x, &w.t().unwrap(), &b).is_err());
+    }
+
+    #[test]
+    fn frozen_matmul_matches_matmul_and_grads_only_the_input() {
+        for (rows, k, n) in [(1usize, 3usize, 2usize), (37, 19, 23), (64, 96, 1000)] {
+            let w = randn(&[n, k], 18, 0.5);
+            let x = randn(&[rows, k], 19, 1.0);
+            compare(
+                &x,
+                &|t| frozen_matmul(t, &w).unwrap(),
+                &|t| t.matmul(&w.t().unwrap()).unwrap(),
+                1e-5,
+                "frozen matmul",
+            );
+        }
+        let x = randn(&[5, 4], 20, 1.0).t().unwrap(); // [4, 5], strided
+        let w = randn(&[3, 5], 21, 1.0);
+        assert!(maxdiff(&frozen_matmul(&x, &w).unwrap(), &x.matmul(&w.t().unwrap()).unwrap()) < 1e-5);
+        assert!(frozen_matmul(&x, &w.t().unwrap()).is_err());
     }
 
     /// A few training steps of a tiny BERT classifier and a tiny Llama with LoRA-SB, with the kernels and with

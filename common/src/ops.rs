@@ -84,7 +84,13 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
     let rows = x.elem_count() / in_dim.max(1);
     let x2 = x.contiguous()?.reshape((rows, in_dim))?;
-    let y = if x.device().is_metal() { x2.matmul(&w.t()?)? } else { x2.apply_op2(w, FrozenMatmul)? };
+    let y = if crate::kernels::applies(&x2) && w.dtype() == DType::F32 {
+        crate::kernels::frozen_matmul(&x2, w)?
+    } else if x.device().is_metal() {
+        x2.matmul(&w.t()?)?
+    } else {
+        x2.apply_op2(w, FrozenMatmul)?
+    };
     let mut out_shape = dims[..dims.len() - 1].to_vec();
     out_shape.push(out_dim);
     Ok(y.reshape(out_shape)?)
