@@ -58,8 +58,8 @@ pub struct BenchArgs {
     /// composite candle ops it replaces (median of --steps runs).
     #[arg(long)]
     kernels: bool,
-    /// Instead of the model steps: the LoRA-SB init's randomized SVD (oversample 8, 6 power iterations) at
-    /// --svd-shapes and --svd-ranks, time and accuracy (as the PyTorch peer's bench_svd.py).
+    /// Instead of the model steps: the LoRA-SB init's randomized SVD at --svd-shapes and --svd-ranks, time and
+    /// accuracy (as the PyTorch peer's bench_svd.py).
     #[arg(long)]
     svd: bool,
     /// Matrix shapes of --svd (ROWSxCOLS, comma-separated).
@@ -68,6 +68,12 @@ pub struct BenchArgs {
     /// Ranks of --svd (comma-separated).
     #[arg(long, default_value = "32,200")]
     svd_ranks: String,
+    /// Power iterations of --svd (the LoRA-SB init's default: 6).
+    #[arg(long, default_value_t = 6)]
+    svd_power_iters: usize,
+    /// Oversampling of --svd (the LoRA-SB init's default: 8).
+    #[arg(long, default_value_t = 8)]
+    svd_oversample: usize,
     /// Run the models in this process (used internally).
     #[arg(long, hide = true)]
     in_process: bool,
@@ -108,7 +114,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 .split(',')
                 .map(|r| r.trim().parse::<usize>().with_context(|| format!("rank `{r}`")))
                 .collect::<Result<_>>()?;
-            crate::svd_bench::run(a.json, &shapes, &ranks, a.steps, (8, 6))?;
+            crate::svd_bench::run(a.json, &shapes, &ranks, a.steps, (a.svd_oversample, a.svd_power_iters))?;
         }
         return Ok(());
     }

@@ -29,7 +29,7 @@ pub fn run(json: bool, shapes: &[(usize, usize)], ranks: &[usize], iters: usize,
     let threads = candle_core::utils::get_num_threads();
     if !json {
         println!(
-            "randomized SVD (oversample {oversample}, {power_iters} power iterations, as the LoRA-SB init; median of {iters}, {threads} threads)"
+            "randomized SVD (oversample {oversample}, {power_iters} power iterations; median of {iters}, {threads} threads)"
         );
         println!(
             "  {:<12} {:>5} {:>10} {:>14} {:>14} {:>16}",
