@@ -106,6 +106,71 @@ fn bench_json_prints_the_promised_fields() {
     assert_eq!(init["matrices"], 24);
 }
 
+/// `bench --profile` breaks the step into phases and the kernels inside them, and they add up to the step.
+#[test]
+fn bench_profile_accounts_for_the_step() {
+    let Some(a) = assets() else { return };
+    let o = client()
+        .args(["bench", "--json", "--profile", "--models", "minilm", "--steps", "1", "--warmup", "0", "--assets"])
+        .arg(&a)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let p = lines.iter().find(|l| l["what"] == "train_step_profile").expect("a profile line");
+    let rows = p["rows"].as_array().unwrap();
+    let ms = |phase: &str, op: &str| {
+        rows.iter().find(|r| r["phase"] == phase && r["op"] == op).and_then(|r| r["ms_per_step"].as_f64())
+    };
+    let (fwd, bwd) = (ms("forward", "").expect("forward total"), ms("backward", "").expect("backward total"));
+    assert!(ms("forward", "lora-sb-linear").expect("the fused LoRA-SB op in the forward") > 0.0);
+    assert!(ms("backward", "lora-sb-linear-grad").expect("its backward") > 0.0);
+    let step = p["ms_per_step_mean"].as_f64().unwrap();
+    let phases: f64 = rows.iter().filter(|r| r["op"] == "").map(|r| r["ms_per_step"].as_f64().unwrap()).sum();
+    assert!(fwd > 0.0 && bwd > 0.0 && phases <= step * 1.001, "{phases} of {step}");
+    // Inside a phase, the kernels plus the remainder make the phase (GEMM rows are nested, not added).
+    let inside: f64 = rows
+        .iter()
+        .filter(|r| r["phase"] == "backward" && r["op"] != "" && !r["op"].as_str().unwrap().contains("GEMM"))
+        .map(|r| r["ms_per_step"].as_f64().unwrap())
+        .sum();
+    assert!((inside - bwd).abs() <= 1e-6 * bwd.max(1.0), "{inside} vs {bwd}");
+}
+
+/// `bench --svd` reports time and an error no better than the optimal rank-r error, and close to it.
+#[test]
+fn bench_svd_reports_time_and_accuracy() {
+    let o = client()
+        .args(["bench", "--json", "--svd", "--svd-shapes", "96x64", "--svd-ranks", "8", "--steps", "1"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    assert_eq!((v["rows"].as_u64(), v["cols"].as_u64(), v["r"].as_u64()), (Some(96), Some(64), Some(8)));
+    let (err, opt) = (v["rel_fro_err"].as_f64().unwrap(), v["rel_fro_err_optimal"].as_f64().unwrap());
+    assert!(err >= opt * (1.0 - 1e-4) && err <= opt * 1.01, "{err} vs optimal {opt}");
+    assert!(v["ms_median"].as_f64().unwrap() > 0.0);
+    let bad = client().args(["bench", "--svd", "--svd-shapes", "96by64"]).output().unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("ROWSxCOLS"));
+}
+
+/// `bench --kernels` times every kernel against its composite, and the gradients reach every input.
+#[test]
+fn bench_kernels_covers_every_kernel() {
+    let o = client().args(["bench", "--json", "--kernels", "--steps", "1"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 11);
+    for l in &lines {
+        for k in ["kernel_fwd_ms", "composite_fwd_ms", "kernel_fwd_bwd_ms", "composite_fwd_bwd_ms"] {
+            assert!(l[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {l}");
+        }
+    }
+}
+
 /// `fedsb-client privacy` against the real Opacus 1.5.2 (its RDP accountant's outputs, recorded by
 /// scripts/opacus-vectors.py): the last line is a plain number, within 1e-4 of Opacus; a live check on random
 /// inputs is scripts/check-privacy-cli.py.
