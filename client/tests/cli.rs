@@ -85,6 +85,12 @@ fn bad_input_fails_with_a_clear_message() {
     assert!(stderr.contains("valid: query"), "{stderr}");
 }
 
+/// The JSON objects a `--json` command printed, one per line, after checking that it succeeded.
+fn json_lines(o: &std::process::Output) -> Vec<serde_json::Value> {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
 #[test]
 fn bench_json_prints_the_promised_fields() {
     let Some(a) = assets() else { return };
@@ -93,9 +99,7 @@ fn bench_json_prints_the_promised_fields() {
         .arg(&a)
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let lines: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines = json_lines(&o);
     let step = lines.iter().find(|l| l["what"] == "train_step").expect("a train_step line");
     for k in ["model", "adapter", "batch", "seq_len", "ms_per_step_median", "tokens_per_s", "peak_rss_mib"] {
         assert!(!step[k].is_null(), "missing {k}");
@@ -115,9 +119,7 @@ fn bench_profile_accounts_for_the_step() {
         .arg(&a)
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let lines: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines = json_lines(&o);
     let p = lines.iter().find(|l| l["what"] == "train_step_profile").expect("a profile line");
     let rows = p["rows"].as_array().unwrap();
     let ms = |phase: &str, op: &str| {
@@ -160,9 +162,7 @@ fn bench_svd_reports_time_and_accuracy() {
 #[test]
 fn bench_kernels_covers_every_kernel() {
     let o = client().args(["bench", "--json", "--kernels", "--steps", "1"]).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let lines: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines = json_lines(&o);
     assert_eq!(lines.len(), 11);
     for l in &lines {
         for k in ["kernel_fwd_ms", "composite_fwd_ms", "kernel_fwd_bwd_ms", "composite_fwd_bwd_ms"] {

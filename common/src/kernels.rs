@@ -423,6 +423,38 @@ unsafe fn gemm_into(
     }
 }
 
+/// `x · wᵀ (+ b)` on faer's GEMM, the forward of [`FrozenLinear`] and [`FrozenMatmulK`]. With a bias the output
+/// starts as the bias and the GEMM accumulates into it, so the bias costs no extra pass.
+fn frozen_linear_cpu(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    bias: Option<&[f32]>,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (x, w) = (f32_slice(s1, l1, "linear")?, f32_slice(s2, l2, "linear")?);
+    let (rows, k) = l1.shape().dims2()?;
+    let (n, k2) = l2.shape().dims2()?;
+    if k != k2 || bias.is_some_and(|b| b.len() != n) {
+        let b = bias.map_or(String::new(), |b| format!(", b [{}]", b.len()));
+        candle_core::bail!("linear: x [{rows}, {k}], w [{n}, {k2}]{b}");
+    }
+    let mut out = vec![0f32; rows * n];
+    if let Some(b) = bias
+        && n > 0
+    {
+        out.par_chunks_mut(n * 64).for_each(|o| {
+            for row in o.chunks_mut(n) {
+                row.copy_from_slice(b);
+            }
+        });
+    }
+    let threads = candle_core::utils::get_num_threads();
+    // SAFETY: x is rows×k row-major; wᵀ (k×n) is w read with row stride 1 and column stride k.
+    unsafe { gemm_into(&mut out, n, (rows, n, k), bias.is_some(), x, (k, 1), w, (1, k), threads) };
+    Ok((CpuStorage::F32(out), Shape::from((rows, n))))
+}
+
 /// A frozen linear layer with its bias fused into the GEMM: `x · wᵀ + b` (`x` `[rows, k]`, `w` `[n, k]`, `b`
 /// `[n]`). The output starts as the bias and the GEMM accumulates into it, so the bias costs no extra pass.
 /// Backward: the input gradient only (`w` and `b` are frozen).
@@ -443,24 +475,7 @@ impl CustomOp3 for FrozenLinear {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let _p = crate::profile::span(self.name());
-        let (x, w, b) = (f32_slice(s1, l1, "linear")?, f32_slice(s2, l2, "linear")?, f32_slice(s3, l3, "linear")?);
-        let (rows, k) = l1.shape().dims2()?;
-        let (n, k2) = l2.shape().dims2()?;
-        if k != k2 || b.len() != n {
-            candle_core::bail!("linear: x [{rows}, {k}], w [{n}, {k2}], b [{}]", b.len());
-        }
-        let mut out = vec![0f32; rows * n];
-        if n > 0 {
-            out.par_chunks_mut(n * 64).for_each(|o| {
-                for row in o.chunks_mut(n) {
-                    row.copy_from_slice(b);
-                }
-            });
-        }
-        let threads = candle_core::utils::get_num_threads();
-        // SAFETY: x is rows×k row-major; wᵀ (k×n) is w read with row stride 1 and column stride k.
-        unsafe { gemm_into(&mut out, n, (rows, n, k), true, x, (k, 1), w, (1, k), threads) };
-        Ok((CpuStorage::F32(out), Shape::from((rows, n))))
+        frozen_linear_cpu(s1, l1, s2, l2, Some(f32_slice(s3, l3, "linear")?))
     }
 
     fn bwd(
@@ -521,17 +536,7 @@ impl CustomOp2 for FrozenMatmulK {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let _p = crate::profile::span(self.name());
-        let (x, w) = (f32_slice(s1, l1, "matmul")?, f32_slice(s2, l2, "matmul")?);
-        let (rows, k) = l1.shape().dims2()?;
-        let (n, k2) = l2.shape().dims2()?;
-        if k != k2 {
-            candle_core::bail!("matmul: x [{rows}, {k}], w [{n}, {k2}]");
-        }
-        let mut out = vec![0f32; rows * n];
-        let threads = candle_core::utils::get_num_threads();
-        // SAFETY: x is rows×k row-major; wᵀ (k×n) is w read with row stride 1 and column stride k.
-        unsafe { gemm_into(&mut out, n, (rows, n, k), false, x, (k, 1), w, (1, k), threads) };
-        Ok((CpuStorage::F32(out), Shape::from((rows, n))))
+        frozen_linear_cpu(s1, l1, s2, l2, None)
     }
 
     fn bwd(
