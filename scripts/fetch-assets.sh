@@ -12,6 +12,7 @@
 #   data/rotten-tomatoes/           train.jsonl (7,530), test.jsonl (1,000)  {"text", "label"}
 #   data/gsm8k/                     train.jsonl (1,000), eval.jsonl (319)    {"prompt", "response", "answer"}
 #   data/README.md                  where each split comes from
+#   mkl/                            Intel oneMKL's sgemm libraries (optional, x86-64 Linux; see below)
 set -euo pipefail
 
 ASSETS="${1:-${FEDSB_ASSETS:-$HOME/.cache/fedsb/assets}}"
@@ -46,4 +47,44 @@ for pin in "${PINS[@]}"; do
 done
 
 "$PY" "$HERE/prepare_assets.py" "$ASSETS"
+
+# Intel oneMKL's sequential sgemm (optional; x86-64 Linux): the kernels' GEMM backend when present, faer's
+# otherwise (common/src/mkl.rs). Only the libraries sgemm needs are unpacked (about 460 MB), with the license.
+# FEDSB_NO_MKL=1 skips it; a failed download only warns (everything runs on faer then).
+MKL_PIN="mkl==2026.2.1 mkl-2026.2.1-py2.py3-none-manylinux_2_28_x86_64.whl 76322a3abf512594ab7b4e82cb72df91e4e5d195498769aa8b292373c1ddd6d1"
+MKL_LIBS="libmkl_rt.so.3 libmkl_intel_lp64.so.3 libmkl_sequential.so.3 libmkl_core.so.3 libmkl_def.so.3 libmkl_mc3.so.3 libmkl_avx2.so.3 libmkl_avx512.so.3 libmkl_avx10.so.3"
+if [ "${FEDSB_NO_MKL:-0}" != 1 ] && [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ]; then
+  read -r req file sha <<<"$MKL_PIN"
+  if [ -f "$ASSETS/mkl/.sha256" ] && [ "$(cat "$ASSETS/mkl/.sha256")" = "$sha" ]; then
+    : # unpacked from this wheel already
+  else
+    if ! sha_ok "$WHEELS/$file" "$sha"; then
+      rm -f "$WHEELS/$file"
+      echo "fetch-assets: downloading $req (Intel oneMKL, optional GEMM backend)" >&2
+      "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+        -d "$WHEELS" "$req" || true
+    fi
+    if sha_ok "$WHEELS/$file" "$sha"; then
+      rm -rf "$ASSETS/mkl" && mkdir -p "$ASSETS/mkl"
+      "$PY" - "$WHEELS/$file" "$ASSETS/mkl" $MKL_LIBS <<'PYEOF'
+import os, sys, zipfile
+wheel, out, libs = sys.argv[1], sys.argv[2], set(sys.argv[3:])
+with zipfile.ZipFile(wheel) as z:
+    for info in z.infolist():
+        base = os.path.basename(info.filename)
+        if base in libs or (base == "LICENSE.txt" and ".dist-info/" in info.filename):
+            with z.open(info) as src, open(os.path.join(out, base), "wb") as dst:
+                dst.write(src.read())
+            libs.discard(base)
+if libs:
+    sys.exit(f"fetch-assets: {sorted(libs)} not in {wheel}")
+PYEOF
+      echo "$sha" > "$ASSETS/mkl/.sha256"
+      # The wheel is not needed once unpacked.
+      rm -f "$WHEELS/$file"
+    else
+      echo "fetch-assets: WARNING: $req could not be fetched or failed its sha256 check; GEMMs will run on faer" >&2
+    fi
+  fi
+fi
 echo "fetch-assets: ready in $ASSETS" >&2

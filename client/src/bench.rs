@@ -103,6 +103,9 @@ const SMOLLM: Shape =
 
 /// Runs `fedsb-client bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
+    if !a.in_process && !a.json && a.device == "cpu" {
+        println!("GEMM backend: {}", fedsb_common::mkl::describe());
+    }
     if a.kernels || a.svd {
         if a.kernels {
             crate::kernel_bench::run(a.json, a.steps)?;
@@ -236,7 +239,7 @@ fn bench_model(a: &BenchArgs, root: &std::path::Path, shape: &Shape) -> Result<(
                     "model": shape.name, "what": "lora_sb_init", "adapter": kind.as_str(), "rank": shape.rank,
                     "matrices": rep.layers, "samples": rep.samples, "gradient_ms": rep.gradient_seconds * 1e3,
                     "svd_ms_total": rep.svd_seconds * 1e3, "svd_ms_per_matrix_median": med, "svd_ms_per_matrix_max": max,
-                    "init_ms_total": total_ms, "threads": threads, "device": a.device, "peak_rss_mib": peak_rss_mib(),
+                    "init_ms_total": total_ms, "threads": threads, "gemm": fedsb_common::mkl::backend().name(), "device": a.device, "peak_rss_mib": peak_rss_mib(),
                 }),
             );
             model.attach_adapters(&adapter, Some(&init))?;
@@ -280,7 +283,7 @@ fn bench_model(a: &BenchArgs, root: &std::path::Path, shape: &Shape) -> Result<(
                 "trainable_params": model.num_trainable(), "steps": a.steps, "warmup": a.warmup,
                 "ms_per_step_median": med, "ms_per_step_min": min, "ms_per_step_max": max,
                 "tokens_per_s": (shape.batch * shape.seq) as f64 / (med / 1e3),
-                "loss_first": first, "loss_last": last, "threads": threads, "device": a.device,
+                "loss_first": first, "loss_last": last, "threads": threads, "gemm": fedsb_common::mkl::backend().name(), "device": a.device,
                 "peak_rss_mib": peak_rss_mib(),
             }),
         );
@@ -344,7 +347,7 @@ fn bench_dp_step(
             "ms_per_step_median": med, "ms_per_step_min": min, "dp_over_plain": med / plain_ms,
             "plain_ms_per_step_median": plain_ms,
             "clipped_fraction": clipped as f64 / (a.steps * shape.batch) as f64,
-            "tokens_per_s": (shape.batch * shape.seq) as f64 / (med / 1e3), "threads": threads,
+            "tokens_per_s": (shape.batch * shape.seq) as f64 / (med / 1e3), "threads": threads, "gemm": fedsb_common::mkl::backend().name(),
             "device": a.device, "peak_rss_mib": peak_rss_mib(),
         }),
     );

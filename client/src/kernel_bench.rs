@@ -209,7 +209,7 @@ pub fn run(json: bool, iters: usize) -> Result<()> {
         if json {
             println!(
                 "{}",
-                json!({"what": "kernel", "kernel": c.name, "shape": c.shape, "iters": iters, "threads": threads,
+                json!({"what": "kernel", "kernel": c.name, "shape": c.shape, "iters": iters, "threads": threads, "gemm": fedsb_common::mkl::backend().name(),
                        "kernel_fwd_ms": kf * 1e3, "composite_fwd_ms": cf * 1e3,
                        "kernel_fwd_bwd_ms": kb * 1e3, "composite_fwd_bwd_ms": cb * 1e3,
                        "speedup_fwd": cf / kf, "speedup_fwd_bwd": cb / kb})

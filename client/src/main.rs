@@ -59,6 +59,9 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Finetune(_) | Command::Join(_)) {
+        tracing::info!("GEMM backend on the CPU: {}", fedsb_common::mkl::describe());
+    }
     match cli.command {
         Command::Finetune(a) => finetune::run(*a),
         Command::Bench(a) => bench::run(a),

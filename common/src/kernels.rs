@@ -24,16 +24,33 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Resu
     }
 }
 
+/// A buffer of `n` f32 for the caller to overwrite: every caller writes all `n` elements before any is read
+/// (GEMM outputs with `accumulate = false`, elementwise maps, row kernels that write each element). It skips
+/// the memset of `vec![0.0; n]` (6.9% of a MiniLM step in `perf`); candle's CPU backend does the same for its
+/// op outputs.
+///
+/// `clippy::uninit_vec` is allowed here on purpose: the elements are only ever written (by GEMMs through raw
+/// pointers, or by `*o = ...` through the slice) before being read, which is the pattern candle's own CPU
+/// backend uses for its outputs; the tests compare every kernel's outputs against the composite ops.
+#[allow(clippy::uninit_vec)]
+fn buffer_for_overwrite(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: the capacity is n; f32 has no invalid bit patterns and every caller writes each element before
+    // reading it (see above).
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// `f` applied elementwise to one input, in parallel chunks (8 wide with AVX2, see [`crate::simd`]).
 fn map1(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
+    let mut out = buffer_for_overwrite(x.len());
     out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| crate::simd::apply1(o, x, &f));
     out
 }
 
 /// `f` applied elementwise to two inputs of one length, in parallel chunks.
 fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; a.len()];
+    let mut out = buffer_for_overwrite(a.len());
     out.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
         .for_each(|(o, (a, b))| crate::simd::apply2(o, a, b, &f));
@@ -42,7 +59,7 @@ fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
 
 /// `f` applied elementwise to three inputs of one length, in parallel chunks.
 fn map3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; a.len()];
+    let mut out = buffer_for_overwrite(a.len());
     out.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK).zip(c.par_chunks(CHUNK))))
         .for_each(|(o, (a, (b, c)))| crate::simd::apply3(o, a, b, c, &f));
@@ -131,7 +148,7 @@ impl CustomOp1 for Softmax {
         let _p = crate::profile::span(self.name());
         let x = f32_slice(s, l, "softmax")?;
         let n = l.shape().dims().last().copied().unwrap_or(1).max(1);
-        let mut out = vec![0f32; x.len()];
+        let mut out = buffer_for_overwrite(x.len());
         out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, x)| {
             let max = crate::simd::max(x);
             for (o, &v) in o.iter_mut().zip(x) {
@@ -168,7 +185,7 @@ impl CustomOp2 for SoftmaxGrad {
         let _p = crate::profile::span(self.name());
         let (y, dy) = (f32_slice(s1, l1, "softmax grad")?, f32_slice(s2, l2, "softmax grad")?);
         let n = l1.shape().dims().last().copied().unwrap_or(1).max(1);
-        let mut out = vec![0f32; y.len()];
+        let mut out = buffer_for_overwrite(y.len());
         out.par_chunks_mut(n).zip(y.par_chunks(n).zip(dy.par_chunks(n))).for_each(|(o, (y, dy))| {
             let dot = crate::simd::dot(y, dy);
             for ((o, &y), &g) in o.iter_mut().zip(y).zip(dy) {
@@ -214,7 +231,7 @@ impl CustomOp3 for LayerNorm {
         if n == 0 || b.len() != n || l1.shape().dims().last() != Some(&n) {
             candle_core::bail!("layer norm: input {:?}, weight [{n}], bias [{}]", l1.shape(), b.len());
         }
-        let mut out = vec![0f32; x.len()];
+        let mut out = buffer_for_overwrite(x.len());
         out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, x)| {
             let (mean, rstd) = moments(x, self.eps);
             for (((o, &v), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
@@ -263,7 +280,7 @@ impl CustomOp3 for LayerNormGrad {
             f32_slice(s3, l3, "layer norm grad")?,
         );
         let n = w.len();
-        let mut out = vec![0f32; x.len()];
+        let mut out = buffer_for_overwrite(x.len());
         out.par_chunks_mut(n).zip(x.par_chunks(n).zip(dy.par_chunks(n))).for_each(|(o, (x, dy))| {
             {
                 let (mean, rstd) = moments(x, self.eps);
@@ -312,7 +329,7 @@ impl CustomOp2 for RmsNorm {
         if n == 0 || l1.shape().dims().last() != Some(&n) {
             candle_core::bail!("rms norm: input {:?}, weight [{n}]", l1.shape());
         }
-        let mut out = vec![0f32; x.len()];
+        let mut out = buffer_for_overwrite(x.len());
         out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, x)| {
             let r = rms_rstd(x, self.eps);
             for ((o, &v), &w) in o.iter_mut().zip(x).zip(w) {
@@ -360,7 +377,7 @@ impl CustomOp3 for RmsNormGrad {
             f32_slice(s3, l3, "rms norm grad")?,
         );
         let n = w.len();
-        let mut out = vec![0f32; x.len()];
+        let mut out = buffer_for_overwrite(x.len());
         out.par_chunks_mut(n).zip(x.par_chunks(n).zip(dy.par_chunks(n))).for_each(|(o, (x, dy))| {
             {
                 let r = rms_rstd(x, self.eps);
@@ -378,18 +395,112 @@ impl CustomOp3 for RmsNormGrad {
     }
 }
 
-/// `dst (m×n, row stride dst_rs) = [dst +] lhs · rhs` with arbitrary row/column strides of `lhs` (m×k) and `rhs` (k×n),
-/// by faer's matmul, on `threads` threads.
+/// A raw output pointer that may cross to rayon's threads (each piece writes a disjoint block).
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used for disjoint blocks of one output, while the borrow it came from is held.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so that closures capture the whole `Send` wrapper, not its field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// MKL's sequential sgemm on `threads` disjoint blocks of `dst` in parallel: rows when `m ≥ n`, else columns.
+/// Below about 2¹⁸ multiply-adds one thread does it all (the split costs more than it saves).
 ///
-/// faer rather than the `gemm` crate (candle's CPU GEMM): faer's x86 kernels pick AVX-512 at run time where the
-/// CPU has it, the `gemm` crate only behind a nightly feature. Measured on a 2-core Sapphire Rapids at
-/// 2048 × 1536 × 384: faer 169 GFLOP/s, `gemm` 72, PyTorch/MKL 178.
+/// # Safety
+/// As [`gemm_into`]; `la`/`lb` are [`crate::mkl::operand`]'s description of lhs/rhs.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mkl_gemm_split(
+    mkl: &crate::mkl::Mkl,
+    dst: SendPtr,
+    dst_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    (lhs, lhs_rs, la): (usize, usize, (usize, bool)),
+    (rhs, rhs_cs, lb): (usize, usize, (usize, bool)),
+    threads: usize,
+) {
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    let by_rows = m >= n;
+    let len = if by_rows { m } else { n };
+    let parts = if m * n * k < 1 << 18 { 1 } else { threads.clamp(1, len) };
+    let piece = len.div_ceil(parts);
+    let run = |i: usize| {
+        let (s, e) = (i * piece, ((i + 1) * piece).min(len));
+        if s >= e {
+            return;
+        }
+        let (lhs, rhs) = (lhs as *const f32, rhs as *const f32);
+        // SAFETY: block [s, e) of dst's rows (with lhs's matching rows) or columns (with rhs's matching columns).
+        unsafe {
+            if by_rows {
+                mkl.sgemm_rm(
+                    e - s,
+                    n,
+                    k,
+                    1.0,
+                    lhs.add(s * lhs_rs),
+                    la,
+                    rhs,
+                    lb,
+                    beta,
+                    dst.get().add(s * dst_rs),
+                    dst_rs,
+                );
+            } else {
+                mkl.sgemm_rm(m, e - s, k, 1.0, lhs, la, rhs.add(s * rhs_cs), lb, beta, dst.get().add(s), dst_rs);
+            }
+        }
+        crate::simd::clear_upper_simd_state();
+    };
+    if parts == 1 {
+        run(0);
+    } else {
+        (0..parts).into_par_iter().for_each(run);
+    }
+}
+
+/// `dst (m×n, row stride dst_rs) = [dst +] lhs · rhs` with arbitrary row/column strides of `lhs` (m×k) and `rhs` (k×n),
+/// on `threads` threads: by MKL's sgemm where [`crate::mkl`] loaded it and the strides suit CBLAS, else by faer's
+/// matmul.
+///
+/// faer rather than the `gemm` crate (candle's CPU GEMM) as the fallback: faer's x86 kernels pick AVX-512 at run
+/// time where the CPU has it, the `gemm` crate only behind a nightly feature. Measured on a 2-core Sapphire
+/// Rapids at 2048 × 1536 × 384: faer 169 GFLOP/s, `gemm` 72, PyTorch/MKL 178 (on a later day: faer 236–265,
+/// MKL 290–330 at the MiniLM shapes).
 ///
 /// # Safety
 /// The strides must address elements inside `lhs` and `rhs` for every (row, column) of the product, and
 /// `dst` must hold `m` rows of `n` elements `dst_rs` apart.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_into(
+    dst: &mut [f32],
+    dst_rs: usize,
+    mnk: (usize, usize, usize),
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_strides: (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+    threads: usize,
+) {
+    let mkl = crate::mkl::load().as_ref().ok();
+    // SAFETY: forwarded from the caller.
+    unsafe { gemm_into_on(mkl, dst, dst_rs, mnk, accumulate, lhs, lhs_strides, rhs, rhs_strides, threads) }
+}
+
+/// [`gemm_into`] on a chosen backend: MKL when `mkl` is given (and the strides suit CBLAS), else faer.
+///
+/// # Safety
+/// As [`gemm_into`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into_on(
+    mkl: Option<&crate::mkl::Mkl>,
     dst: &mut [f32],
     dst_rs: usize,
     (m, n, k): (usize, usize, usize),
@@ -406,6 +517,14 @@ unsafe fn gemm_into(
         return;
     }
     debug_assert!(dst.len() >= (m - 1) * dst_rs + n);
+    if k == 0 {
+        // An empty sum: the output must still be written (it may come from `buffer_for_overwrite`).
+        if !accumulate {
+            dst.chunks_mut(dst_rs.max(1)).take(m).for_each(|row| row[..n].fill(0.0));
+        }
+        return;
+    }
+    let (dst_ptr, lhs_ptr, rhs_ptr) = (SendPtr(dst.as_mut_ptr()), lhs.as_ptr() as usize, rhs.as_ptr() as usize);
     // SAFETY: the caller vouches for dst (m rows of n, dst_rs apart), lhs and rhs.
     let (dst, lhs, rhs) = unsafe {
         (
@@ -414,6 +533,29 @@ unsafe fn gemm_into(
             MatRef::from_raw_parts(rhs.as_ptr(), k, n, rhs_rs as isize, rhs_cs as isize),
         )
     };
+    if let Some(mkl) = mkl
+        && let (Some(la), Some(lb), Some(_)) = (
+            crate::mkl::operand(m, k, lhs_rs, lhs_cs),
+            crate::mkl::operand(k, n, rhs_rs, rhs_cs),
+            crate::mkl::operand(m, n, dst_rs, 1),
+        )
+    {
+        // SAFETY: as for faer below; the pieces are disjoint blocks of dst's rows or columns.
+        unsafe {
+            mkl_gemm_split(
+                mkl,
+                dst_ptr,
+                dst_rs,
+                (m, n, k),
+                accumulate,
+                (lhs_ptr, lhs_rs, la),
+                (rhs_ptr, rhs_cs, lb),
+                threads,
+            )
+        };
+        crate::simd::clear_upper_simd_state();
+        return;
+    }
     let par = if threads > 1 { Par::rayon(threads) } else { Par::Seq };
     faer::linalg::matmul::matmul(dst, if accumulate { Accum::Add } else { Accum::Replace }, lhs, rhs, 1.0f32, par);
     if threads > 1 {
@@ -439,7 +581,7 @@ fn frozen_linear_cpu(
         let b = bias.map_or(String::new(), |b| format!(", b [{}]", b.len()));
         candle_core::bail!("linear: x [{rows}, {k}], w [{n}, {k2}]{b}");
     }
-    let mut out = vec![0f32; rows * n];
+    let mut out = buffer_for_overwrite(rows * n);
     if let Some(b) = bias
         && n > 0
     {
@@ -512,7 +654,7 @@ impl CustomOp2 for FrozenLinearGrad {
         if n != n2 {
             candle_core::bail!("linear grad: dy [{rows}, {n}], w [{n2}, {k}]");
         }
-        let mut dx = vec![0f32; rows * k];
+        let mut dx = buffer_for_overwrite(rows * k);
         let threads = candle_core::utils::get_num_threads();
         // SAFETY: dy is rows×n and w is n×k, both row-major; dx is rows×k.
         unsafe { gemm_into(&mut dx, k, (rows, k, n), false, dy, (n, 1), w, (k, 1), threads) };
@@ -606,7 +748,7 @@ impl CustomOp2 for TokenNll {
         if let Some(bad) = t.iter().find(|&&t| t as usize >= c) {
             candle_core::bail!("cross-entropy: target {bad} outside {c} classes");
         }
-        let mut out = vec![0f32; m];
+        let mut out = buffer_for_overwrite(m);
         out.par_iter_mut().zip(x.par_chunks(c.max(1))).zip(t.par_iter()).for_each(|((o, row), &t)| {
             *o = log_sum_exp(row) - row[t as usize];
         });
@@ -647,7 +789,7 @@ impl CustomOp3 for TokenNllGrad {
         let t = targets_slice(s2, l2)?;
         let g = f32_slice(s3, l3, "cross-entropy grad")?;
         let (_, c) = l1.shape().dims2()?;
-        let mut out = vec![0f32; x.len()];
+        let mut out = buffer_for_overwrite(x.len());
         out.par_chunks_mut(c.max(1)).zip(x.par_chunks(c.max(1))).zip(t.par_iter().zip(g.par_iter())).for_each(
             |((o, row), (&t, &g))| {
                 let lse = log_sum_exp(row);
@@ -787,7 +929,7 @@ impl CustomOp3 for Rope {
             candle_core::bail!("rope: x {:?}, cos {:?}, sin {:?}", l1.shape(), l2.shape(), l3.shape());
         }
         let sign = if self.inverse { -1.0f32 } else { 1.0 };
-        let mut out = vec![0f32; x.len()];
+        let mut out = buffer_for_overwrite(x.len());
         out.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().for_each(|(row, (o, x))| {
             let p = row % t;
             let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
@@ -823,6 +965,34 @@ struct Attention {
     /// `[b, t, s]`, row-major.
     mask: Option<std::sync::Arc<Vec<f32>>>,
     seq_major: bool,
+    /// The forward's probabilities `[b, h, t, s]`, kept for the backward (which otherwise recomputes them) when
+    /// they take at most [`SAVED_PROBS_MAX`] values.
+    saved_probs: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+/// The most attention probabilities one op keeps from its forward for its backward: 8 Mi values (32 MiB), so
+/// MiniLM's (6.3 MiB a layer) and SmolLM2's training shapes (2.4 MiB) are kept and long contexts recomputed.
+const SAVED_PROBS_MAX: usize = 8 << 20;
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: the backward recomputes the probabilities even where the forward could keep them.
+    static RECOMPUTE_PROBS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// How many probabilities an attention op may keep for its backward.
+fn saved_probs_max() -> usize {
+    #[cfg(test)]
+    if RECOMPUTE_PROBS.with(|r| r.get()) {
+        return 0;
+    }
+    SAVED_PROBS_MAX
+}
+
+impl Attention {
+    fn new(scale: f32, mask: Option<std::sync::Arc<Vec<f32>>>, seq_major: bool) -> Self {
+        Self { scale, mask, seq_major, saved_probs: std::sync::Mutex::new(None) }
+    }
 }
 
 /// Dimensions of an attention call.
@@ -926,20 +1096,34 @@ impl CustomOp3 for Attention {
         }
         let g = h / hkv;
         let (qb, kb) = (h * t * d, hkv * s * d);
-        let mut out = vec![0f32; b * qb];
-        out.par_chunks_mut(qb).enumerate().for_each_init(
-            || vec![0f32; t * s],
-            |p, (bi, o)| {
-                let (qblk, kblk, vblk) =
-                    (&q[bi * qb..(bi + 1) * qb], &k[bi * kb..(bi + 1) * kb], &v[bi * kb..(bi + 1) * kb]);
-                for qh in 0..h {
-                    let ((qo, qrs), (ko, krs)) = (dm.q_head(qh), dm.kv_head(qh / g));
-                    self.probs(dm, bi, (&qblk[qo..], qrs), (&kblk[ko..], krs), p);
-                    // SAFETY: p is t×s, v's head is s×d (row stride krs), the output head is t×d (row stride qrs).
-                    unsafe { gemm_into(&mut o[qo..], qrs, (t, d, s), false, p, (s, 1), &vblk[ko..], (krs, 1), 1) };
-                }
-            },
-        );
+        let mut out = buffer_for_overwrite(b * qb);
+        let pb = h * t * s;
+        // Each batch's probabilities go to the saved buffer where it is kept, else to a per-task scratch.
+        let mut saved = if b * pb <= saved_probs_max() { buffer_for_overwrite(b * pb) } else { Vec::new() };
+        let batch = |p: &mut [f32], bi: usize, o: &mut [f32]| {
+            let (qblk, kblk, vblk) =
+                (&q[bi * qb..(bi + 1) * qb], &k[bi * kb..(bi + 1) * kb], &v[bi * kb..(bi + 1) * kb]);
+            for qh in 0..h {
+                let ((qo, qrs), (ko, krs)) = (dm.q_head(qh), dm.kv_head(qh / g));
+                let p = if p.len() == pb { &mut p[qh * t * s..(qh + 1) * t * s] } else { &mut p[..t * s] };
+                self.probs(dm, bi, (&qblk[qo..], qrs), (&kblk[ko..], krs), p);
+                // SAFETY: p is t×s, v's head is s×d (row stride krs), the output head is t×d (row stride qrs).
+                unsafe { gemm_into(&mut o[qo..], qrs, (t, d, s), false, p, (s, 1), &vblk[ko..], (krs, 1), 1) };
+            }
+        };
+        if saved.is_empty() {
+            out.par_chunks_mut(qb.max(1))
+                .enumerate()
+                .for_each_init(|| buffer_for_overwrite(t * s), |p, (bi, o)| batch(p, bi, o));
+        } else {
+            out.par_chunks_mut(qb.max(1))
+                .zip(saved.par_chunks_mut(pb.max(1)))
+                .enumerate()
+                .for_each(|(bi, (o, p))| batch(p, bi, o));
+            if let Ok(mut slot) = self.saved_probs.lock() {
+                *slot = Some(saved);
+            }
+        }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -953,9 +1137,9 @@ impl CustomOp3 for Attention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // One op computes dQ, dK and dV into one buffer; split it here.
         let dy = grad.contiguous()?;
-        let fwd = Attention { scale: self.scale, mask: self.mask.clone(), seq_major: self.seq_major };
-        let packed =
-            q.apply_op3_no_bwd(k, &Tensor::cat(&[&v.flatten_all()?, &dy.flatten_all()?], 0)?, &AttentionGrad { fwd })?;
+        let fwd = Attention::new(self.scale, self.mask.clone(), self.seq_major);
+        let probs = self.saved_probs.lock().ok().and_then(|mut p| p.take());
+        let packed = q.apply_op3_no_bwd(k, &dy, &AttentionGrad { fwd, v: v.contiguous()?, probs })?;
         let (nq, nk) = (q.elem_count(), k.elem_count());
         let dq = packed.narrow(0, 0, nq)?.reshape(q.shape())?;
         let dk = packed.narrow(0, nq, nk)?.reshape(k.shape())?;
@@ -964,9 +1148,13 @@ impl CustomOp3 for Attention {
     }
 }
 
-/// The backward of [`Attention`]: inputs q, k and `[v ‖ dy]` flattened; output `[dq ‖ dk ‖ dv]` flattened.
+/// The backward of [`Attention`]: inputs q, k and dy (`v` held by the op: a custom op takes three inputs);
+/// output `[dq ‖ dk ‖ dv]` flattened.
 struct AttentionGrad {
     fwd: Attention,
+    v: Tensor,
+    /// The forward's probabilities `[b, h, t, s]` where it kept them (else they are recomputed).
+    probs: Option<Vec<f32>>,
 }
 
 impl CustomOp3 for AttentionGrad {
@@ -984,22 +1172,25 @@ impl CustomOp3 for AttentionGrad {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let _p = crate::profile::span(self.name());
-        let (q, k, vdy) = (
+        let (q, k, dy) = (
             f32_slice(s1, l1, "attention grad")?,
             f32_slice(s2, l2, "attention grad")?,
             f32_slice(s3, l3, "attention grad")?,
         );
-        let dm = self.fwd.dims(l1, l2, l2)?;
+        let (vg, vl) = self.v.storage_and_layout();
+        let v = storage_f32(&vg, vl, "attention grad v")?;
+        let dm = self.fwd.dims(l1, l2, vl)?;
         let AttnDims { h, hkv, t, s, d, .. } = dm;
         let (nq, nk) = (q.len(), k.len());
-        if vdy.len() != nk + nq {
-            candle_core::bail!("attention grad: packed v and dy have {} values, expected {}", vdy.len(), nk + nq);
+        if dy.len() != nq || v.len() != nk {
+            candle_core::bail!("attention grad: dy has {} values, v {}; expected {nq} and {nk}", dy.len(), v.len());
         }
-        let (v, dy) = vdy.split_at(nk);
         let g = h / hkv;
         let scale = self.fwd.scale;
         let (qb, kb) = (h * t * d, hkv * s * d);
-        let mut out = vec![0f32; nq + 2 * nk];
+        // The forward's probabilities where it kept them for this shape.
+        let saved = self.probs.as_deref().filter(|p| p.len() == dm.b * h * t * s);
+        let mut out = buffer_for_overwrite(nq + 2 * nk);
         let (dq_all, dkv) = out.split_at_mut(nq);
         let (dk_all, dv_all) = dkv.split_at_mut(nk);
         // One task per batch: it owns that batch's dQ, dK and dV.
@@ -1008,15 +1199,21 @@ impl CustomOp3 for AttentionGrad {
                 let blk = |n: usize| bi * n..(bi + 1) * n;
                 let (qblk, dyblk) = (&q[blk(qb)], &dy[blk(qb)]);
                 let (kblk, vblk) = (&k[blk(kb)], &v[blk(kb)]);
-                let mut p = vec![0f32; t * s];
-                let mut dp = vec![0f32; t * s];
+                let mut scratch = if saved.is_none() { buffer_for_overwrite(t * s) } else { Vec::new() };
+                let mut dp = buffer_for_overwrite(t * s);
                 for qh in 0..h {
                     let ((qo, qrs), (ko, krs)) = (dm.q_head(qh), dm.kv_head(qh / g));
                     let first = qh % g == 0;
-                    self.fwd.probs(dm, bi, (&qblk[qo..], qrs), (&kblk[ko..], krs), &mut p);
+                    let p: &[f32] = match saved {
+                        Some(all) => &all[(bi * h + qh) * t * s..(bi * h + qh + 1) * t * s],
+                        None => {
+                            self.fwd.probs(dm, bi, (&qblk[qo..], qrs), (&kblk[ko..], krs), &mut scratch);
+                            &scratch
+                        }
+                    };
                     // SAFETY (all four): buffers of the stated sizes and row strides; transposes by strides.
                     // dV += Pᵀ·dY   (s×t · t×d)
-                    unsafe { gemm_into(&mut dv[ko..], krs, (s, d, t), !first, &p, (1, s), &dyblk[qo..], (qrs, 1), 1) };
+                    unsafe { gemm_into(&mut dv[ko..], krs, (s, d, t), !first, p, (1, s), &dyblk[qo..], (qrs, 1), 1) };
                     // dP = dY·Vᵀ    (t×d · d×s)
                     unsafe {
                         gemm_into(&mut dp, s, (t, s, d), false, &dyblk[qo..], (qrs, 1), &vblk[ko..], (1, krs), 1)
@@ -1047,7 +1244,7 @@ fn attention_op(mask: Option<&Tensor>, scale: f64, seq_major: bool) -> candle_co
         Some(m) => Some(std::sync::Arc::new(m.contiguous()?.flatten_all()?.to_vec1::<f32>()?)),
         None => None,
     };
-    Ok(Attention { scale: scale as f32, mask, seq_major })
+    Ok(Attention::new(scale as f32, mask, seq_major))
 }
 
 /// Scaled dot-product attention (CPU f32): `q` `[b, h, t, d]`, `k`/`v` `[b, h_kv, s, d]`, `mask` an additive
@@ -1086,6 +1283,29 @@ fn storage_f32<'a>(s: &'a candle_core::Storage, l: &Layout, what: &str) -> candl
     }
 }
 
+/// The merged weight `W0 + s·B·R·A` (`n×k`) of a LoRA-SB layer: `x·(W0 + s·B·R·A)ᵀ` equals
+/// `x·W0ᵀ + s·((x·Aᵀ)·Rᵀ)·Bᵀ`, and `dy·(W0 + s·B·R·A)` the input gradient, each in one GEMM (the adapter
+/// path costs two thin GEMMs and a pass over the output per layer). Costs a copy of W0 and an `n×k×r` GEMM.
+fn merged_weight(
+    (n, k, r): (usize, usize, usize),
+    w0: &[f32],
+    a: &[f32],
+    b: &[f32],
+    rm: &[f32],
+    scale: f32,
+    threads: usize,
+) -> Vec<f32> {
+    let sr: Vec<f32> = rm.iter().map(|v| v * scale).collect();
+    let mut ra = buffer_for_overwrite(r * k);
+    let mut w = w0.to_vec();
+    // SAFETY: sR is r×r, A r×k, B n×r, all row-major; ra is r×k and w n×k.
+    unsafe {
+        gemm_into(&mut ra, k, (r, k, r), false, &sr, (r, 1), a, (k, 1), 1);
+        gemm_into(&mut w, k, (n, k, r), true, b, (r, 1), &ra, (k, 1), threads);
+    }
+    w
+}
+
 /// A LoRA-SB layer in one op: `y = x·W0ᵀ + bias + s·((x·Aᵀ)·Rᵀ)·Bᵀ`, with `W0`, `bias`, `A`, `B` frozen and
 /// `R` either shared `[r, r]` or per sample `[n, r, r]` (DP-SGD; `x`'s rows are then `n` samples of equal
 /// length, sample-major). The adapter path accumulates into the base output in the same buffer; backward gives
@@ -1096,6 +1316,8 @@ struct LoraSbLinear {
     a: Tensor,
     b: Tensor,
     scale: f32,
+    /// The forward's merged weight, kept for the backward's input gradient when that uses it too (the same R).
+    merged: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
 /// Sizes of a LoRA-SB op: rows of x, in, out, rank, samples (1 for a shared R).
@@ -1123,6 +1345,32 @@ impl LoraSbLinear {
             candle_core::bail!("LoRA-SB: x [{rows}, {k}], W0 [{n}, {k2}], A [{r}, {k3}], B [{n2}, {r2}]");
         }
         Ok(SbDims { rows, k, n, r, samples })
+    }
+
+    /// The one R every row uses, if there is one: the shared R, or per-sample copies that are all bitwise
+    /// equal (DP-SGD's per-sample leaf copies of R: equal values, separate gradients).
+    fn common_r(d: SbDims, rm: &[f32]) -> Option<&[f32]> {
+        let rr = d.r * d.r;
+        let first = &rm[..rr];
+        rm.chunks(rr.max(1))
+            .skip(1)
+            .all(|ri| ri.iter().zip(first).all(|(a, b)| a.to_bits() == b.to_bits()))
+            .then_some(first)
+    }
+
+    /// Whether the forward runs on the merged weight `W0 + s·B·R·A` (see [`merged_weight`]) rather than the
+    /// adapter path beside W0, by the memory each moves beyond the main GEMM: building the merged weight reads
+    /// and writes `n×k` twice (copy of W0, rank-r update); the adapter path reads x once more (`x·Aᵀ`) and
+    /// reads and writes the `rows×n` output once more (`+ ·Bᵀ`). It pays for MiniLM's training batch (2,048
+    /// rows, 384-wide weights), not for SmolLM2's (512 rows, 576×1536 weights) nor one short sequence.
+    fn merge_pays(d: SbDims) -> bool {
+        4 * d.n * d.k <= d.rows * (d.k + 2 * d.n)
+    }
+
+    /// The same choice for the input gradient: the merged weight (`4·n·k`) against the adapter path's extra
+    /// update of the `rows×k` input gradient (`(gB·R)·A`, `2·rows·k`).
+    fn merge_pays_backward(d: SbDims) -> bool {
+        2 * d.n <= d.rows
     }
 
     /// `h2 = h1·Rᵀ` per sample block of rows (`h1`, `h2` `[rows, r]`).
@@ -1161,7 +1409,7 @@ impl CustomOp2 for LoraSbLinear {
             storage_f32(&bg, bl, "LoRA-SB B")?,
         );
         let threads = candle_core::utils::get_num_threads();
-        let mut out = vec![0f32; d.rows * d.n];
+        let mut out = buffer_for_overwrite(d.rows * d.n);
         if let Some(bias) = &self.bias {
             let (bsg, bsl) = bias.storage_and_layout();
             let bias = storage_f32(&bsg, bsl, "LoRA-SB bias")?;
@@ -1171,8 +1419,23 @@ impl CustomOp2 for LoraSbLinear {
                 }
             });
         }
-        let mut h1 = vec![0f32; d.rows * d.r];
-        let mut h2 = vec![0f32; d.rows * d.r];
+        if let Some(r0) = Self::common_r(d, rm)
+            && Self::merge_pays(d)
+        {
+            let w = merged_weight((d.n, d.k, d.r), w0, a, b, r0, self.scale, threads);
+            // SAFETY: x is rows×k, wᵀ is w (n×k) read with swapped strides, out is rows×n.
+            unsafe {
+                gemm_into(&mut out, d.n, (d.rows, d.n, d.k), self.bias.is_some(), x, (d.k, 1), &w, (1, d.k), threads)
+            };
+            if Self::merge_pays_backward(d)
+                && let Ok(mut slot) = self.merged.lock()
+            {
+                *slot = Some(w);
+            }
+            return Ok((CpuStorage::F32(out), Shape::from((d.rows, d.n))));
+        }
+        let mut h1 = buffer_for_overwrite(d.rows * d.r);
+        let mut h2 = buffer_for_overwrite(d.rows * d.r);
         // SAFETY (all): row-major buffers of the stated sizes; transposed operands by strides.
         unsafe {
             gemm_into(&mut out, d.n, (d.rows, d.n, d.k), self.bias.is_some(), x, (d.k, 1), w0, (1, d.k), threads);
@@ -1195,8 +1458,15 @@ impl CustomOp2 for LoraSbLinear {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // The input gradient only where the graph needs it (not for the first layer's input, the embeddings).
         let need_dx = x.track_op();
-        let grad_op =
-            LoraSbGrad { w0: self.w0.clone(), a: self.a.clone(), b: self.b.clone(), scale: self.scale, need_dx };
+        let merged = self.merged.lock().ok().and_then(|mut m| m.take());
+        let grad_op = LoraSbGrad {
+            w0: self.w0.clone(),
+            a: self.a.clone(),
+            b: self.b.clone(),
+            scale: self.scale,
+            need_dx,
+            merged: std::sync::Mutex::new(merged),
+        };
         let packed = x.apply_op3_no_bwd(r, &grad.contiguous()?, &grad_op)?;
         let nx = if need_dx { x.elem_count() } else { 0 };
         let dx = if need_dx { Some(packed.narrow(0, 0, nx)?.reshape(x.shape())?) } else { None };
@@ -1213,6 +1483,8 @@ struct LoraSbGrad {
     scale: f32,
     /// Whether to compute `dx` (output `[dx, dR]` flat) or only `dR`.
     need_dx: bool,
+    /// The forward's merged weight, where it kept one.
+    merged: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
 impl CustomOp3 for LoraSbGrad {
@@ -1235,8 +1507,14 @@ impl CustomOp3 for LoraSbGrad {
             f32_slice(s2, l2, "LoRA-SB grad")?,
             f32_slice(s3, l3, "LoRA-SB grad")?,
         );
-        let fwd =
-            LoraSbLinear { w0: self.w0.clone(), bias: None, a: self.a.clone(), b: self.b.clone(), scale: self.scale };
+        let fwd = LoraSbLinear {
+            w0: self.w0.clone(),
+            bias: None,
+            a: self.a.clone(),
+            b: self.b.clone(),
+            scale: self.scale,
+            merged: std::sync::Mutex::new(None),
+        };
         let d = fwd.dims(l1, l2)?;
         let (w0g, w0l) = self.w0.storage_and_layout();
         let (ag, al) = self.a.storage_and_layout();
@@ -1248,18 +1526,30 @@ impl CustomOp3 for LoraSbGrad {
         );
         let threads = candle_core::utils::get_num_threads();
         let (nx, nr) = (if self.need_dx { x.len() } else { 0 }, rm.len());
-        let mut out = vec![0f32; nx + nr];
+        let mut out = buffer_for_overwrite(nx + nr);
         let (dx, dr) = out.split_at_mut(nx);
-        let mut gb = vec![0f32; d.rows * d.r];
-        let mut h1 = vec![0f32; d.rows * d.r];
-        let mut t = vec![0f32; d.rows * d.r];
+        let mut gb = buffer_for_overwrite(d.rows * d.r);
+        let mut h1 = buffer_for_overwrite(d.rows * d.r);
+        // dx in one GEMM on the merged weight where that pays (as in the forward), else dy·W0 + (gB·R)·A.
+        let merged = match LoraSbLinear::common_r(d, rm) {
+            Some(r0) if self.need_dx && LoraSbLinear::merge_pays_backward(d) => {
+                // The forward's, where it kept it (the same R), else built again.
+                let kept = self.merged.lock().ok().and_then(|mut m| m.take()).filter(|w| w.len() == d.n * d.k);
+                Some(kept.unwrap_or_else(|| merged_weight((d.n, d.k, d.r), w0, a, b, r0, self.scale, threads)))
+            }
+            _ => None,
+        };
+        // The adapter's share of dx, (gB·R)·A, separately: only without the merged weight.
+        let adapter_dx = self.need_dx && merged.is_none();
+        let mut t = if adapter_dx { buffer_for_overwrite(d.rows * d.r) } else { Vec::new() };
         // SAFETY (all): row-major buffers of the stated sizes; transposed operands by strides.
         unsafe {
             // gB = s·dy·B   (rows×n · n×r)
             gemm_into(&mut gb, d.r, (d.rows, d.r, d.n), false, dy, (d.n, 1), b, (d.r, 1), threads);
-            // dx = dy·W0    (rows×n · n×k)
+            // dx = dy·W0, or dy·(W0 + s·B·R·A)    (rows×n · n×k)
             if self.need_dx {
-                gemm_into(dx, d.k, (d.rows, d.k, d.n), false, dy, (d.n, 1), w0, (d.k, 1), threads);
+                let w = merged.as_deref().unwrap_or(w0);
+                gemm_into(dx, d.k, (d.rows, d.k, d.n), false, dy, (d.n, 1), w, (d.k, 1), threads);
             }
             // h1 = x·Aᵀ     (rows×k · k×r)
             gemm_into(&mut h1, d.r, (d.rows, d.r, d.k), false, x, (d.k, 1), a, (1, d.k), threads);
@@ -1273,23 +1563,17 @@ impl CustomOp3 for LoraSbGrad {
             let ri = &rm[i * d.r * d.r..(i + 1) * d.r * d.r];
             let dri = &mut dr[i * d.r * d.r..(i + 1) * d.r * d.r];
             unsafe {
-                // t = gB·R     (per×r · r×r), dR = gBᵀ·h1   (r×per · per×r)
-                gemm_into(
-                    &mut t[rows.clone()],
-                    d.r,
-                    (per, d.r, d.r),
-                    false,
-                    &gb[rows.clone()],
-                    (d.r, 1),
-                    ri,
-                    (d.r, 1),
-                    1,
-                );
+                // t = gB·R     (per×r · r×r)
+                if adapter_dx {
+                    let g = &gb[rows.clone()];
+                    gemm_into(&mut t[rows.clone()], d.r, (per, d.r, d.r), false, g, (d.r, 1), ri, (d.r, 1), 1);
+                }
+                // dR = gBᵀ·h1   (r×per · per×r)
                 gemm_into(dri, d.r, (d.r, d.r, per), false, &gb[rows.clone()], (1, d.r), &h1[rows], (d.r, 1), 1);
             }
         }
         // dx += t·A   (rows×r · r×k)
-        if self.need_dx {
+        if adapter_dx {
             unsafe { gemm_into(dx, d.k, (d.rows, d.k, d.r), true, &t, (d.r, 1), a, (d.k, 1), threads) };
         }
         let n = out.len();
@@ -1314,6 +1598,7 @@ pub fn lora_sb_linear(
         a: a.contiguous()?,
         b: b.contiguous()?,
         scale: scale as f32,
+        merged: std::sync::Mutex::new(None),
     };
     x.contiguous()?.apply_op2(&r.contiguous()?, op)
 }
@@ -1639,9 +1924,13 @@ mod tests {
     #[test]
     fn attention_matches_the_composite_with_masks_and_grouped_heads() {
         let dev = Device::Cpu;
-        for (b, h, hkv, t, d, causal) in
+        // Each shape twice: the backward on the probabilities the forward kept, and recomputing them.
+        for ((b, h, hkv, t, d, causal), recompute) in
             [(2usize, 3usize, 3usize, 5usize, 4usize, false), (1, 6, 2, 7, 8, true), (3, 2, 1, 1, 2, false)]
+                .into_iter()
+                .flat_map(|c| [(c, false), (c, true)])
         {
+            RECOMPUTE_PROBS.with(|r| r.set(recompute));
             let q = randn(&[b, h, t, d], 50, 1.0);
             let k = randn(&[b, hkv, t, d], 51, 1.0);
             let v = randn(&[b, hkv, t, d], 52, 1.0);
@@ -1667,9 +1956,10 @@ mod tests {
             let gc = (yc * &up).unwrap().sum_all().unwrap().backward().unwrap();
             for (name, x) in [("q", &qv), ("k", &kv), ("v", &vv)] {
                 let d = maxdiff(gf.get(x.as_tensor()).unwrap(), gc.get(x.as_tensor()).unwrap());
-                assert!(d < 1e-4, "d{name} differs by {d} (b {b}, h {h}, h_kv {hkv}, t {t})");
+                assert!(d < 1e-4, "d{name} differs by {d} (b {b}, h {h}, h_kv {hkv}, t {t}, recompute {recompute})");
             }
         }
+        RECOMPUTE_PROBS.with(|r| r.set(false));
         let q = randn(&[1, 3, 2, 4], 1, 1.0);
         let k = randn(&[1, 2, 2, 4], 1, 1.0);
         assert!(attention(&q, &k, &k, None, 1.0).is_err(), "3 heads are not a multiple of 2");
@@ -1696,15 +1986,82 @@ mod tests {
     }
 
     #[test]
+    fn mkl_and_faer_gemms_agree_on_every_layout() {
+        // MKL must load where the assets were fetched for this test run (x86-64 Linux, not switched off).
+        let required = std::env::var("FEDSB_REQUIRE_ASSETS").is_ok_and(|v| v == "1")
+            && cfg!(all(target_os = "linux", target_arch = "x86_64"))
+            && std::env::var("FEDSB_NO_MKL").map_or(true, |v| v != "1")
+            && std::env::var("FEDSB_GEMM").map_or(true, |v| v != "faer");
+        let mkl = match crate::mkl::load() {
+            Ok(m) => m,
+            Err(why) => {
+                assert!(!required, "MKL did not load: {why}");
+                eprintln!("skipped: no MKL ({why})");
+                return;
+            }
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(71);
+        // (m, n, k), lhs transposed, rhs transposed, accumulate, threads: thin, square, odd and empty shapes,
+        // split by rows (m ≥ n) and by columns.
+        let cases = [
+            ((64, 48, 40), false, true, false, 2),
+            ((33, 65, 17), true, false, true, 2),
+            ((7, 300, 129), false, false, false, 2),
+            ((300, 5, 64), true, true, true, 2),
+            ((16, 16, 1), false, true, false, 1),
+            ((9, 11, 0), false, false, false, 2),
+            ((9, 11, 0), false, false, true, 2),
+            ((1, 1, 1), true, true, false, 1),
+        ];
+        for ((m, n, k), lt, rt, acc, threads) in cases {
+            let lhs: Vec<f32> = (0..m * k).map(|_| rng.random::<f32>() - 0.5).collect();
+            let rhs: Vec<f32> = (0..k * n).map(|_| rng.random::<f32>() - 0.5).collect();
+            let init: Vec<f32> = (0..m * n).map(|_| rng.random::<f32>()).collect();
+            // Transposed operands are stored the other way round and read with swapped strides.
+            let ls = if lt { (1, m) } else { (k, 1) };
+            let rs = if rt { (1, k) } else { (n, 1) };
+            let (mut a, mut b) = (init.clone(), init.clone());
+            unsafe {
+                gemm_into_on(Some(mkl), &mut a, n, (m, n, k), acc, &lhs, ls, &rhs, rs, threads);
+                gemm_into_on(None, &mut b, n, (m, n, k), acc, &lhs, ls, &rhs, rs, threads);
+            }
+            let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            assert!(d < 1e-5 * (k as f32).max(1.0), "{m}x{n}x{k} lt {lt} rt {rt} acc {acc}: differ by {d}");
+            if k == 0 && !acc {
+                assert!(a.iter().all(|&v| v == 0.0), "an empty product is zero");
+            }
+        }
+        assert_eq!(crate::mkl::backend(), crate::mkl::GemmBackend::Mkl);
+        assert!(crate::mkl::describe().starts_with("mkl"));
+    }
+
+    #[test]
     fn lora_sb_linear_matches_the_composite_for_shared_and_per_sample_r() {
-        let (rows, k, n, r) = (12usize, 10usize, 7usize, 3usize);
+        let (k, n, r) = (10usize, 7usize, 3usize);
         let w0 = randn(&[n, k], 60, 0.5);
         let bias = randn(&[n], 61, 0.5);
         let a = randn(&[r, k], 62, 0.5);
         let b = randn(&[n, r], 63, 0.5);
-        let x = randn(&[rows, k], 64, 1.0);
-        for (samples, scale) in [(1usize, 1.0f64), (1, 2.5), (4, 1.0), (3, 0.5)] {
-            let rm = if samples == 1 { randn(&[r, r], 65, 1.0) } else { randn(&[samples, r, r], 66, 1.0) };
+        // Both paths of the op: the merged weight W0 + s·B·R·A (one R for all rows, and enough rows) and the
+        // adapter path beside W0 (per-sample Rs that differ, or too few rows for the merge to pay).
+        let dims = |rows, samples| SbDims { rows, k, n, r, samples };
+        assert!(LoraSbLinear::merge_pays(dims(24, 1)) && LoraSbLinear::merge_pays_backward(dims(24, 1)));
+        assert!(!LoraSbLinear::merge_pays(dims(2, 1)) && !LoraSbLinear::merge_pays_backward(dims(2, 1)));
+        for (rows, samples, scale, equal_copies) in [
+            (24usize, 1usize, 1.0f64, false),
+            (24, 1, 2.5, false),
+            (24, 4, 1.0, false),
+            (24, 3, 0.5, false),
+            (24, 4, 1.5, true),
+            (2, 1, 1.0, false),
+            (2, 2, 0.5, true),
+        ] {
+            let x = randn(&[rows, k], 64, 1.0);
+            let rm = match (samples, equal_copies) {
+                (1, _) => randn(&[r, r], 65, 1.0),
+                (_, false) => randn(&[samples, r, r], 66, 1.0),
+                (_, true) => randn(&[1, r, r], 66, 1.0).repeat((samples, 1, 1)).unwrap(),
+            };
             let (xv, rv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&rm).unwrap());
             let fused = lora_sb_linear(xv.as_tensor(), &w0, Some(&bias), &a, &b, rv.as_tensor(), scale).unwrap();
             let h1 = xv.as_tensor().matmul(&a.t().unwrap()).unwrap();
@@ -1717,16 +2074,17 @@ mod tests {
             let side = (h2.matmul(&b.t().unwrap()).unwrap() * scale).unwrap();
             let base = xv.as_tensor().matmul(&w0.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
             let composite = (base + side).unwrap();
-            assert!(maxdiff(&fused, &composite) < 1e-5, "values ({samples} samples, scale {scale})");
+            assert!(maxdiff(&fused, &composite) < 1e-5, "values ({rows} rows, {samples} samples, scale {scale})");
             let up = randn(fused.dims(), 67, 1.0);
             let gf = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
             let gc = (composite * &up).unwrap().sum_all().unwrap().backward().unwrap();
             for (what, v) in [("x", &xv), ("R", &rv)] {
                 let d = maxdiff(gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap());
-                assert!(d < 1e-4, "d{what} differs by {d} ({samples} samples, scale {scale})");
+                assert!(d < 1e-4, "d{what} differs by {d} ({rows} rows, {samples} samples, scale {scale})");
             }
         }
         // Without a bias; and wrong shapes are errors.
+        let x = randn(&[12, k], 64, 1.0);
         let rm = randn(&[r, r], 68, 1.0);
         let y = lora_sb_linear(&x, &w0, None, &a, &b, &rm, 1.0).unwrap();
         let c = (x.matmul(&w0.t().unwrap()).unwrap()

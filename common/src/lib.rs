@@ -16,6 +16,7 @@ pub mod dp;
 pub mod error;
 pub mod export;
 pub mod kernels;
+pub mod mkl;
 pub mod model;
 pub mod ops;
 pub mod profile;
