@@ -1318,6 +1318,8 @@ struct LoraSbLinear {
     scale: f32,
     /// The forward's merged weight, kept for the backward's input gradient when that uses it too (the same R).
     merged: std::sync::Mutex<Option<Vec<f32>>>,
+    /// The forward's `x·Aᵀ` (`rows×r`, small) where it computed it, kept for the backward's dR.
+    h1: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
 /// Sizes of a LoRA-SB op: rows of x, in, out, rank, samples (1 for a shared R).
@@ -1446,6 +1448,9 @@ impl CustomOp2 for LoraSbLinear {
             h2.iter_mut().for_each(|v| *v *= self.scale);
         }
         unsafe { gemm_into(&mut out, d.n, (d.rows, d.n, d.r), true, &h2, (d.r, 1), b, (1, d.r), threads) };
+        if let Ok(mut slot) = self.h1.lock() {
+            *slot = Some(h1);
+        }
         Ok((CpuStorage::F32(out), Shape::from((d.rows, d.n))))
     }
 
@@ -1466,6 +1471,7 @@ impl CustomOp2 for LoraSbLinear {
             scale: self.scale,
             need_dx,
             merged: std::sync::Mutex::new(merged),
+            h1: std::sync::Mutex::new(self.h1.lock().ok().and_then(|mut h| h.take())),
         };
         let packed = x.apply_op3_no_bwd(r, &grad.contiguous()?, &grad_op)?;
         let nx = if need_dx { x.elem_count() } else { 0 };
@@ -1485,6 +1491,8 @@ struct LoraSbGrad {
     need_dx: bool,
     /// The forward's merged weight, where it kept one.
     merged: std::sync::Mutex<Option<Vec<f32>>>,
+    /// The forward's `x·Aᵀ`, where it kept it.
+    h1: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
 impl CustomOp3 for LoraSbGrad {
@@ -1514,6 +1522,7 @@ impl CustomOp3 for LoraSbGrad {
             b: self.b.clone(),
             scale: self.scale,
             merged: std::sync::Mutex::new(None),
+            h1: std::sync::Mutex::new(None),
         };
         let d = fwd.dims(l1, l2)?;
         let (w0g, w0l) = self.w0.storage_and_layout();
@@ -1529,7 +1538,10 @@ impl CustomOp3 for LoraSbGrad {
         let mut out = buffer_for_overwrite(nx + nr);
         let (dx, dr) = out.split_at_mut(nx);
         let mut gb = buffer_for_overwrite(d.rows * d.r);
-        let mut h1 = buffer_for_overwrite(d.rows * d.r);
+        // x·Aᵀ: the forward's where it kept it, else computed below.
+        let kept_h1 = self.h1.lock().ok().and_then(|mut h| h.take()).filter(|h| h.len() == d.rows * d.r);
+        let have_h1 = kept_h1.is_some();
+        let mut h1 = kept_h1.unwrap_or_else(|| buffer_for_overwrite(d.rows * d.r));
         // dx in one GEMM on the merged weight where that pays (as in the forward), else dy·W0 + (gB·R)·A.
         let merged = match LoraSbLinear::common_r(d, rm) {
             Some(r0) if self.need_dx && LoraSbLinear::merge_pays_backward(d) => {
@@ -1552,7 +1564,9 @@ impl CustomOp3 for LoraSbGrad {
                 gemm_into(dx, d.k, (d.rows, d.k, d.n), false, dy, (d.n, 1), w, (d.k, 1), threads);
             }
             // h1 = x·Aᵀ     (rows×k · k×r)
-            gemm_into(&mut h1, d.r, (d.rows, d.r, d.k), false, x, (d.k, 1), a, (1, d.k), threads);
+            if !have_h1 {
+                gemm_into(&mut h1, d.r, (d.rows, d.r, d.k), false, x, (d.k, 1), a, (1, d.k), threads);
+            }
         }
         if self.scale != 1.0 {
             gb.iter_mut().for_each(|v| *v *= self.scale);
@@ -1599,6 +1613,7 @@ pub fn lora_sb_linear(
         b: b.contiguous()?,
         scale: scale as f32,
         merged: std::sync::Mutex::new(None),
+        h1: std::sync::Mutex::new(None),
     };
     x.contiguous()?.apply_op2(&r.contiguous()?, op)
 }
