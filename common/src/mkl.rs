@@ -91,11 +91,16 @@ pub fn mkl_dir() -> PathBuf {
     }
 }
 
+/// `FEDSB_GEMM`: `None` for faer only, `Some(required)` to load MKL (`required` when asked for by name).
 fn wanted() -> Option<bool> {
     match std::env::var("FEDSB_GEMM").ok().as_deref().map(str::trim) {
         Some("faer") => None,
         Some("mkl") => Some(true),
-        _ => Some(false),
+        None | Some("" | "auto") => Some(false),
+        Some(other) => {
+            tracing::warn!("FEDSB_GEMM={other} is not one of faer, mkl, auto; using auto");
+            Some(false)
+        }
     }
 }
 
@@ -251,5 +256,34 @@ pub fn operand(rows: usize, cols: usize, rs: usize, cs: usize) -> Option<(usize,
         Some((rows.max(1), true))
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operands_get_cblas_layouts_only_where_they_have_one() {
+        // Row-major (unit column stride) and transposed (unit row stride) matrices.
+        assert_eq!(operand(4, 3, 3, 1), Some((3, false)));
+        assert_eq!(operand(4, 3, 5, 1), Some((5, false)), "padded rows");
+        assert_eq!(operand(4, 3, 1, 4), Some((4, true)));
+        // A leading dimension shorter than a row is not a CBLAS matrix.
+        assert_eq!(operand(4, 3, 2, 1), None);
+        assert_eq!(operand(4, 3, 1, 3), None);
+        // Neither stride is 1: no CBLAS layout (faer takes it).
+        assert_eq!(operand(4, 3, 6, 2), None);
+        // One row or one column: any stride of the unit dimension.
+        assert_eq!(operand(1, 3, 0, 1), Some((3, false)));
+        assert_eq!(operand(4, 1, 1, 0), Some((4, true)));
+        // Sizes beyond CBLAS's 32-bit ints.
+        assert_eq!(operand(1 << 31, 1, 1, 1 << 31), None);
+    }
+
+    #[test]
+    fn backend_names() {
+        assert_eq!(GemmBackend::Faer.name(), "faer");
+        assert_eq!(GemmBackend::Mkl.name(), "mkl");
     }
 }
