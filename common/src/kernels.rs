@@ -565,7 +565,7 @@ unsafe fn gemm_into_on(
     }
 }
 
-/// `x · wᵀ (+ b)` on faer's GEMM, the forward of [`FrozenLinear`] and [`FrozenMatmulK`]. With a bias the output
+/// `x · wᵀ (+ b)` on the kernels' GEMM (`gemm_into`: MKL or faer), the forward of [`FrozenLinear`] and [`FrozenMatmulK`]. With a bias the output
 /// starts as the bias and the GEMM accumulates into it, so the bias costs no extra pass.
 fn frozen_linear_cpu(
     s1: &CpuStorage,
@@ -632,7 +632,7 @@ impl CustomOp3 for FrozenLinear {
     }
 }
 
-/// The input gradient of [`FrozenLinear`]: `dx = dy · w` (`dy` `[rows, n]`, `w` `[n, k]`), on faer's GEMM.
+/// The input gradient of [`FrozenLinear`]: `dx = dy · w` (`dy` `[rows, n]`, `w` `[n, k]`), on the kernels' GEMM.
 struct FrozenLinearGrad;
 
 impl CustomOp2 for FrozenLinearGrad {
@@ -662,7 +662,7 @@ impl CustomOp2 for FrozenLinearGrad {
     }
 }
 
-/// `x · wᵀ` for a frozen `w` `[n, k]` (no bias): the forward and its input gradient on faer's GEMM (the LM head).
+/// `x · wᵀ` for a frozen `w` `[n, k]` (no bias): the forward and its input gradient on the kernels' GEMM (the LM head).
 struct FrozenMatmulK;
 
 impl CustomOp2 for FrozenMatmulK {
@@ -1334,16 +1334,26 @@ struct SbDims {
 
 impl LoraSbLinear {
     fn dims(&self, x: &Layout, rl: &Layout) -> candle_core::Result<SbDims> {
+        Self::dims_of(x, rl, (&self.w0, &self.a, &self.b), self.bias.as_ref())
+    }
+
+    /// The sizes of a LoRA-SB op on `x` and `R` with frozen `(W0, A, B)` and bias, checked against each other.
+    fn dims_of(
+        x: &Layout,
+        rl: &Layout,
+        (w0, a, b): (&Tensor, &Tensor, &Tensor),
+        bias: Option<&Tensor>,
+    ) -> candle_core::Result<SbDims> {
         let (rows, k) = x.shape().dims2()?;
-        let (n, k2) = self.w0.dims2()?;
-        let (r, k3) = self.a.dims2()?;
-        let (n2, r2) = self.b.dims2()?;
+        let (n, k2) = w0.dims2()?;
+        let (r, k3) = a.dims2()?;
+        let (n2, r2) = b.dims2()?;
         let samples = match rl.shape().dims() {
             [a, b] if *a == r && *b == r => 1,
             [m, a, b] if *a == r && *b == r && *m > 0 && rows % m == 0 => *m,
             d => candle_core::bail!("LoRA-SB: R {d:?} for rank {r} and {rows} rows"),
         };
-        if k != k2 || k != k3 || n != n2 || r != r2 || self.bias.as_ref().is_some_and(|b| b.dims() != [n]) {
+        if k != k2 || k != k3 || n != n2 || r != r2 || bias.is_some_and(|b| b.dims() != [n]) {
             candle_core::bail!("LoRA-SB: x [{rows}, {k}], W0 [{n}, {k2}], A [{r}, {k3}], B [{n2}, {r2}]");
         }
         Ok(SbDims { rows, k, n, r, samples })
@@ -1515,16 +1525,7 @@ impl CustomOp3 for LoraSbGrad {
             f32_slice(s2, l2, "LoRA-SB grad")?,
             f32_slice(s3, l3, "LoRA-SB grad")?,
         );
-        let fwd = LoraSbLinear {
-            w0: self.w0.clone(),
-            bias: None,
-            a: self.a.clone(),
-            b: self.b.clone(),
-            scale: self.scale,
-            merged: std::sync::Mutex::new(None),
-            h1: std::sync::Mutex::new(None),
-        };
-        let d = fwd.dims(l1, l2)?;
+        let d = LoraSbLinear::dims_of(l1, l2, (&self.w0, &self.a, &self.b), None)?;
         let (w0g, w0l) = self.w0.storage_and_layout();
         let (ag, al) = self.a.storage_and_layout();
         let (bg, bl) = self.b.storage_and_layout();
