@@ -565,8 +565,9 @@ unsafe fn gemm_into_on(
     }
 }
 
-/// `x · wᵀ (+ b)` on the kernels' GEMM (`gemm_into`: MKL or faer), the forward of [`FrozenLinear`] and [`FrozenMatmulK`]. With a bias the output
-/// starts as the bias and the GEMM accumulates into it, so the bias costs no extra pass.
+/// `x · wᵀ (+ b)` on the kernels' GEMM (`gemm_into`: MKL or faer), the forward of [`FrozenLinear`] and
+/// [`FrozenMatmulK`]. With a bias the output starts as the bias and the GEMM accumulates into it, so the bias
+/// costs no extra pass.
 fn frozen_linear_cpu(
     s1: &CpuStorage,
     l1: &Layout,
