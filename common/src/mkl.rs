@@ -65,9 +65,27 @@ type SgemmFn = unsafe extern "C" fn(
     c_int,
 );
 
-/// A loaded MKL: its `cblas_sgemm` and its version string.
+type Bf16GemmFn = unsafe extern "C" fn(
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    f32,
+    *const u16,
+    c_int,
+    *const u16,
+    c_int,
+    f32,
+    *mut f32,
+    c_int,
+);
+
+/// A loaded MKL: its `cblas_sgemm`, its `cblas_gemm_bf16bf16f32` where the library has it, and its version.
 pub struct Mkl {
     sgemm: SgemmFn,
+    gemm_bf16: Option<Bf16GemmFn>,
     version: String,
 }
 
@@ -161,6 +179,7 @@ fn load_from(dir: &Path) -> Result<Mkl, String> {
         let set_iface: unsafe extern "C" fn(c_int) -> c_int = std::mem::transmute(sym("MKL_Set_Interface_Layer")?);
         let get_version: unsafe extern "C" fn(*mut c_char, c_int) = std::mem::transmute(sym("MKL_Get_Version_String")?);
         let sgemm: SgemmFn = std::mem::transmute(sym("cblas_sgemm")?);
+        let gemm_bf16: Option<Bf16GemmFn> = sym("cblas_gemm_bf16bf16f32").ok().map(|p| std::mem::transmute(p));
         if set_iface(MKL_INTERFACE_LP64) != MKL_INTERFACE_LP64 {
             return Err("MKL refused the LP64 interface".into());
         }
@@ -174,7 +193,7 @@ fn load_from(dir: &Path) -> Result<Mkl, String> {
         // "Intel(R) oneAPI Math Kernel Library Version 2026.2-Product Build ..." -> "2026.2"
         let version =
             full.split("Version ").nth(1).and_then(|v| v.split(['-', ' ']).next()).unwrap_or(full.as_str()).to_string();
-        let m = Mkl { sgemm, version };
+        let m = Mkl { sgemm, gemm_bf16, version };
         // A first call checks the library works: [1 2; 3 4]·I.
         let (a, b, mut c) = ([1f32, 2., 3., 4.], [1f32, 0., 0., 1.], [0f32; 4]);
         m.sgemm_rm(2, 2, 2, 1.0, a.as_ptr(), (2, false), b.as_ptr(), (2, false), 0.0, c.as_mut_ptr(), 2);
@@ -237,6 +256,71 @@ impl Mkl {
             )
         }
     }
+}
+
+impl Mkl {
+    /// Whether the library has `cblas_gemm_bf16bf16f32`.
+    pub fn has_gemm_bf16(&self) -> bool {
+        self.gemm_bf16.is_some()
+    }
+
+    /// Row-major `c (m×n, ldc) = alpha·op(a)·op(b) + beta·c` with bf16 `a` and `b` (bit patterns) and f32
+    /// accumulation (`cblas_gemm_bf16bf16f32`; on CPUs with AMX it runs on the tile units). Does nothing and
+    /// returns `false` when the library lacks the function.
+    ///
+    /// # Safety
+    /// As [`Mkl::sgemm_rm`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemm_bf16_rm(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: *const u16,
+        (lda, ta): (usize, bool),
+        b: *const u16,
+        (ldb, tb): (usize, bool),
+        beta: f32,
+        c: *mut f32,
+        ldc: usize,
+    ) -> bool {
+        let Some(f) = self.gemm_bf16 else { return false };
+        let t = |x: bool| if x { CBLAS_TRANS } else { CBLAS_NO_TRANS };
+        // SAFETY: the caller vouches for the pointers and sizes.
+        unsafe {
+            f(
+                CBLAS_ROW_MAJOR,
+                t(ta),
+                t(tb),
+                m as c_int,
+                n as c_int,
+                k as c_int,
+                alpha,
+                a,
+                lda as c_int,
+                b,
+                ldb as c_int,
+                beta,
+                c,
+                ldc as c_int,
+            )
+        };
+        true
+    }
+}
+
+/// Whether the CPU reports AMX bf16 tile units (CPUID leaf 7, EDX bit 22). Rust's feature detection for AMX is
+/// not stable yet, so the bit is read directly.
+pub fn cpu_has_amx_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // CPUID is available on every x86-64; leaf 7 exists when the maximum leaf (leaf 0's EAX) ≥ 7.
+        let max = std::arch::x86_64::__cpuid(0).eax;
+        max >= 7 && (std::arch::x86_64::__cpuid_count(7, 0).edx >> 22) & 1 == 1
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// CBLAS's description `(ld, transposed)` of a `rows × cols` operand with strides `(rs, cs)`, if it has one:

@@ -100,6 +100,66 @@ pub(super) unsafe fn gemm_into_on(
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
     lhs: &[f32],
+    lhs_strides: (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    debug_assert!(dst.len() >= (m - 1) * dst_rs + n);
+    // SAFETY: dst holds m rows of n, dst_rs apart (the caller's promise, checked in debug builds).
+    unsafe {
+        gemm_ptr_on(
+            mkl,
+            SendPtr(dst.as_mut_ptr()),
+            dst_rs,
+            (m, n, k),
+            accumulate,
+            lhs,
+            lhs_strides,
+            rhs,
+            rhs_strides,
+            threads,
+        )
+    }
+}
+
+/// [`gemm_into`] writing through a raw pointer: for callers whose threads fill disjoint column blocks of one
+/// output (a `&mut` slice per thread would alias).
+///
+/// # Safety
+/// As [`gemm_into`], and no other thread may touch the `m × n` block at `dst` while this runs.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_ptr(
+    dst: SendPtr,
+    dst_rs: usize,
+    mnk: (usize, usize, usize),
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_strides: (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+    threads: usize,
+) {
+    let mkl = crate::mkl::load().as_ref().ok();
+    // SAFETY: forwarded from the caller.
+    unsafe { gemm_ptr_on(mkl, dst, dst_rs, mnk, accumulate, lhs, lhs_strides, rhs, rhs_strides, threads) }
+}
+
+/// The body of [`gemm_into_on`] and [`gemm_ptr`].
+///
+/// # Safety
+/// As [`gemm_ptr`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_ptr_on(
+    mkl: Option<&crate::mkl::Mkl>,
+    dst: SendPtr,
+    dst_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    lhs: &[f32],
     (lhs_rs, lhs_cs): (usize, usize),
     rhs: &[f32],
     (rhs_rs, rhs_cs): (usize, usize),
@@ -110,19 +170,21 @@ pub(super) unsafe fn gemm_into_on(
     if m == 0 || n == 0 {
         return;
     }
-    debug_assert!(dst.len() >= (m - 1) * dst_rs + n);
     if k == 0 {
         // An empty sum: the output must still be written (it may come from `buffer_for_overwrite`).
         if !accumulate {
-            dst.chunks_mut(dst_rs.max(1)).take(m).for_each(|row| row[..n].fill(0.0));
+            for i in 0..m {
+                // SAFETY: row i of the m × n block at dst.
+                unsafe { std::slice::from_raw_parts_mut(dst.get().add(i * dst_rs), n).fill(0.0) };
+            }
         }
         return;
     }
-    let (dst_ptr, lhs_ptr, rhs_ptr) = (SendPtr(dst.as_mut_ptr()), lhs.as_ptr() as usize, rhs.as_ptr() as usize);
+    let (lhs_ptr, rhs_ptr) = (lhs.as_ptr() as usize, rhs.as_ptr() as usize);
     // SAFETY: the caller vouches for dst (m rows of n, dst_rs apart), lhs and rhs.
-    let (dst, lhs, rhs) = unsafe {
+    let (dst_mat, lhs, rhs) = unsafe {
         (
-            MatMut::from_raw_parts_mut(dst.as_mut_ptr(), m, n, dst_rs as isize, 1),
+            MatMut::from_raw_parts_mut(dst.get(), m, n, dst_rs as isize, 1),
             MatRef::from_raw_parts(lhs.as_ptr(), m, k, lhs_rs as isize, lhs_cs as isize),
             MatRef::from_raw_parts(rhs.as_ptr(), k, n, rhs_rs as isize, rhs_cs as isize),
         )
@@ -138,7 +200,7 @@ pub(super) unsafe fn gemm_into_on(
         unsafe {
             mkl_gemm_split(
                 mkl,
-                dst_ptr,
+                dst,
                 dst_rs,
                 (m, n, k),
                 accumulate,
@@ -151,7 +213,7 @@ pub(super) unsafe fn gemm_into_on(
         return;
     }
     let par = if threads > 1 { Par::rayon(threads) } else { Par::Seq };
-    faer::linalg::matmul::matmul(dst, if accumulate { Accum::Add } else { Accum::Replace }, lhs, rhs, 1.0f32, par);
+    faer::linalg::matmul::matmul(dst_mat, if accumulate { Accum::Add } else { Accum::Replace }, lhs, rhs, 1.0f32, par);
     if threads > 1 {
         crate::simd::clear_upper_simd_state_everywhere();
     } else {

@@ -75,6 +75,7 @@ fn map3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32 + Sync
 
 mod attention;
 mod elementwise;
+pub(crate) mod frozen_gemm;
 mod gemm;
 mod linear;
 mod lora_sb;
@@ -84,6 +85,7 @@ mod softmax;
 
 pub use attention::{attention, attention_seq_major};
 pub use elementwise::{gelu_erf, silu_mul};
+pub use frozen_gemm::amx_bf16_available;
 pub use linear::{frozen_linear, frozen_matmul};
 pub use lora_sb::lora_sb_linear;
 pub use norm::{layer_norm, rms_norm};
