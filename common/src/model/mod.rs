@@ -7,6 +7,7 @@ pub mod bert;
 pub mod config;
 pub mod llama;
 pub mod load;
+mod spm;
 pub mod testing;
 pub mod tokenizer;
 pub mod weights;
