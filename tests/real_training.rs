@@ -20,7 +20,15 @@ fn encode(l: &LoadedModel, a: &Assets, rel: &str, n: usize, max_len: usize) -> V
 }
 
 fn init_cfg(samples: usize) -> InitConfig {
-    InitConfig { samples, batch_size: samples, eta: 1e-3, oversample: 8, power_iters: 6, seed: 42 }
+    InitConfig {
+        samples,
+        batch_size: samples,
+        eta: 1e-3,
+        oversample: 8,
+        power_iters: 6,
+        seed: 42,
+        grad_memory_mib: fedsb_common::adapter::init::DEFAULT_GRAD_MEMORY_MIB,
+    }
 }
 
 /// Asserts that one backward pass gives every trainable tensor a finite, nonzero gradient.

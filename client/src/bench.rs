@@ -5,6 +5,11 @@
 //! - SmolLM2-135M: batch 4 × 128 tokens of packed Rotten Tomatoes text, causal-LM loss on every position,
 //!   r = 32 on all seven projections (210 matrices).
 //!
+//! With `--dtype` the frozen weights are converted (bf16, q8_0, ...). With `--synthetic CONFIG_JSON` the model is a
+//! published `config.json` with seeded random weights in that format (`fedsb_common::model::synthetic`), at
+//! `--batch` × `--seq-len` (default 1 × 256), LoRA-SB `--rank` (32) on all seven projections: speed and memory of
+//! billion-parameter models without their checkpoints.
+//!
 //! Each model runs in its own process so that its peak RSS is its own.
 use fedsb_common::benchstats::{median, peak_rss_mib, reset_peak_rss};
 use std::path::PathBuf;
@@ -26,85 +31,130 @@ use crate::device::parse_device;
 pub struct BenchArgs {
     /// Print one JSON object per line (for scripts) instead of a table.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// Models to measure: minilm, smollm (comma-separated).
     #[arg(long, default_value = "minilm,smollm")]
-    models: String,
+    pub(crate) models: String,
     /// Adapters to measure: lora-sb, lora, ffa-lora (comma-separated).
     #[arg(long, default_value = "lora-sb")]
-    adapters: String,
+    pub(crate) adapters: String,
     /// Timed steps per measurement (the median is reported).
     #[arg(long, default_value_t = 10)]
-    steps: usize,
+    pub(crate) steps: usize,
     /// Untimed warm-up steps.
     #[arg(long, default_value_t = 2)]
-    warmup: usize,
+    pub(crate) warmup: usize,
     /// Asset folder of scripts/fetch-assets.sh (default $FEDSB_ASSETS or ~/.cache/fedsb/assets).
     #[arg(long)]
-    assets: Option<PathBuf>,
+    pub(crate) assets: Option<PathBuf>,
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub(crate) device: String,
+    #[command(flatten)]
+    pub(crate) weights: crate::device::WeightArgs,
+    /// Instead of the real small models: a model of this config.json (a Llama-family or BERT architecture) with
+    /// seeded random weights in --dtype's format (auto: f32).
+    #[arg(long)]
+    pub(crate) synthetic: Option<PathBuf>,
+    /// Sequences per step of --synthetic.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) batch: usize,
+    /// Tokens per sequence of --synthetic.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) seq_len: usize,
+    /// Adapter rank of --synthetic.
+    #[arg(long, default_value_t = 32)]
+    pub(crate) rank: usize,
+    /// Target modules of --synthetic (default: all seven projections of a Llama model, query/value/
+    /// attention.output.dense/output.dense of BERT).
+    #[arg(long)]
+    pub(crate) targets: Option<String>,
+    /// --synthetic: time the real LoRA-SB init (gradient pass over one batch, SVDs) instead of starting from a
+    /// random one (it is what a coordinator computes once; its memory is bounded by --init-grad-memory).
+    #[arg(long)]
+    pub(crate) init: bool,
+    /// Memory for the init's full-weight gradients, MiB (layers are taken in groups that fit).
+    #[arg(long, default_value_t = fedsb_common::adapter::init::DEFAULT_GRAD_MEMORY_MIB)]
+    pub(crate) init_grad_memory: usize,
     /// Also measure the DP-SGD step (per-sample gradients, clipping to C = 1, Gaussian noise σ = 1 from the
     /// OS-seeded CSPRNG) on the same batches, and its ratio to the plain step.
     #[arg(long)]
-    dp: bool,
+    pub(crate) dp: bool,
     /// Also print where the plain (and, with --dp, the DP) step's time goes: each fused kernel's forward and
     /// backward, the GEMMs inside them, and what candle's own ops and autograd bookkeeping take (per step,
     /// averaged over the timed steps).
     #[arg(long)]
-    profile: bool,
+    pub(crate) profile: bool,
     /// Instead of the model steps: each fused kernel alone, forward and forward + backward, against the
     /// composite candle ops it replaces (median of --steps runs).
     #[arg(long)]
-    kernels: bool,
+    pub(crate) kernels: bool,
     /// Instead of the model steps: the LoRA-SB init's randomized SVD at --svd-shapes and --svd-ranks, time and
     /// accuracy (as the PyTorch peer's bench_svd.py).
     #[arg(long)]
-    svd: bool,
+    pub(crate) svd: bool,
     /// Matrix shapes of --svd (ROWSxCOLS, comma-separated).
     #[arg(long, default_value = "576x576,1536x576,3072x3072,8192x3072")]
-    svd_shapes: String,
+    pub(crate) svd_shapes: String,
     /// Ranks of --svd (comma-separated).
     #[arg(long, default_value = "32,200")]
-    svd_ranks: String,
+    pub(crate) svd_ranks: String,
     /// Power iterations of --svd (the LoRA-SB init's default: 6).
     #[arg(long, default_value_t = 6)]
-    svd_power_iters: usize,
+    pub(crate) svd_power_iters: usize,
     /// Oversampling of --svd (the LoRA-SB init's default: 8).
     #[arg(long, default_value_t = 8)]
-    svd_oversample: usize,
+    pub(crate) svd_oversample: usize,
     /// Run the models in this process (used internally).
     #[arg(long, hide = true)]
-    in_process: bool,
+    pub(crate) in_process: bool,
 }
 
 fn assets_root(a: &BenchArgs) -> PathBuf {
     a.assets.clone().unwrap_or_else(fedsb_common::assets::default_assets_dir)
 }
 
-struct Shape {
-    name: &'static str,
-    batch: usize,
-    seq: usize,
-    rank: usize,
-    targets: &'static [&'static str],
+/// What one bench measures: the model's name in the output, batch × sequence length, adapter rank and targets.
+pub(crate) struct Shape {
+    pub name: String,
+    pub batch: usize,
+    pub seq: usize,
+    pub rank: usize,
+    pub targets: Vec<String>,
 }
 
-const MINILM: Shape = Shape {
-    name: "minilm",
-    batch: 32,
-    seq: 64,
-    rank: 16,
-    targets: &["query", "value", "attention.output.dense", "output.dense"],
-};
-const SMOLLM: Shape =
-    Shape { name: "smollm", batch: 4, seq: 128, rank: 32, targets: &["q", "k", "v", "o", "gate", "up", "down"] };
+impl Shape {
+    fn new(name: &str, batch: usize, seq: usize, rank: usize, targets: &[&str]) -> Self {
+        Self { name: name.into(), batch, seq, rank, targets: targets.iter().map(|t| t.to_string()).collect() }
+    }
+
+    /// The targets as `&str`s.
+    pub fn target_refs(&self) -> Vec<&str> {
+        self.targets.iter().map(String::as_str).collect()
+    }
+}
+
+fn minilm() -> Shape {
+    Shape::new("minilm", 32, 64, 16, &["query", "value", "attention.output.dense", "output.dense"])
+}
+
+fn smollm() -> Shape {
+    Shape::new("smollm", 4, 128, 32, &["q", "k", "v", "o", "gate", "up", "down"])
+}
 
 /// Runs `fedsb-client bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
+    let dtype = a.weights.apply()?;
     if !a.in_process && !a.json && a.device == "cpu" {
         println!("GEMM backend: {}", fedsb_common::mkl::describe());
+        println!(
+            "frozen weights: {dtype}; products with compact weights: {} (CPU bf16 units: {})",
+            fedsb_common::kernels::compact_engine_name(),
+            fedsb_common::frozen::bf16_units().unwrap_or("none")
+        );
+    }
+    if let Some(cfg) = &a.synthetic {
+        return crate::synthetic_bench::run(&a, cfg, dtype);
     }
     if a.kernels || a.svd {
         if a.kernels {
@@ -134,6 +184,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let mut cmd = std::process::Command::new(&exe);
             cmd.args(["bench", "--in-process", "--models", m, "--adapters", &a.adapters]);
             cmd.args(["--steps", &a.steps.to_string(), "--warmup", &a.warmup.to_string(), "--device", &a.device]);
+            cmd.args(["--dtype", &a.weights.dtype, "--compute-dtype", &a.weights.compute_dtype]);
             cmd.arg("--assets").arg(assets_root(&a));
             if a.json {
                 cmd.arg("--json");
@@ -156,8 +207,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bail!("no assets in {} — run scripts/fetch-assets.sh first", root.display());
     }
     for m in &models {
-        let shape = if m == "minilm" { &MINILM } else { &SMOLLM };
-        bench_model(&a, &root, shape)?;
+        let shape = if m == "minilm" { &minilm() } else { &smollm() };
+        bench_model(&a, &root, shape, dtype)?;
     }
     Ok(())
 }
@@ -200,21 +251,26 @@ fn bench_batches(shape: &Shape, model: &Model, enc: &Encoder, root: &std::path::
     Ok(out)
 }
 
-fn bench_model(a: &BenchArgs, root: &std::path::Path, shape: &Shape) -> Result<()> {
+fn bench_model(
+    a: &BenchArgs,
+    root: &std::path::Path,
+    shape: &Shape,
+    dtype: fedsb_common::frozen::WeightDtype,
+) -> Result<()> {
     let device = parse_device(&a.device)?;
     let path = if shape.name == "minilm" {
         root.join("models/all-minilm-l6-v2")
     } else {
         root.join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
     };
-    let loaded = load_model(&path, &device, &LoadOptions::default())?;
+    let loaded = load_model(&path, &device, &LoadOptions { dtype, ..LoadOptions::default() })?;
     let enc = Encoder::new(&loaded.tokenizer, loaded.model.task(), shape.seq);
     let batches = bench_batches(shape, &loaded.model, &enc, root, 6)?;
     let threads = candle_core::utils::get_num_threads();
     for kind in a.adapters.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let kind: AdapterKind = kind.parse()?;
         let mut model = loaded.model.clone();
-        let adapter = AdapterConfig::new(kind, shape.rank, shape.targets);
+        let adapter = AdapterConfig::new(kind, shape.rank, &shape.target_refs());
         if kind == AdapterKind::LoraSb {
             // The init on one batch of the same data, timed: gradient estimate, then one SVD per matrix.
             let init_data: Vec<Encoded> = init_examples(shape, &batches[0])?;
@@ -225,6 +281,7 @@ fn bench_model(a: &BenchArgs, root: &std::path::Path, shape: &Shape) -> Result<(
                 oversample: 8,
                 power_iters: 6,
                 seed: 42,
+                grad_memory_mib: fedsb_common::adapter::init::DEFAULT_GRAD_MEMORY_MIB,
             };
             let t = Instant::now();
             let (init, rep) =
@@ -246,50 +303,7 @@ fn bench_model(a: &BenchArgs, root: &std::path::Path, shape: &Shape) -> Result<(
         } else {
             model.attach_adapters(&adapter, None)?;
         }
-        // Peak RSS of the steps alone: the init's dense full-weight gradients would otherwise dominate it.
-        reset_peak_rss();
-        let total = a.warmup + a.steps;
-        let schedule = LrSchedule::new(1e-4, 0.0, total, ScheduleKind::Constant);
-        let mut trainer = Trainer::new(&model, schedule, 0.0, Some(1.0))?;
-        let mut times = Vec::with_capacity(a.steps);
-        let (mut first, mut last) = (f64::NAN, f64::NAN);
-        for i in 0..total {
-            let b = &batches[i % batches.len()];
-            if a.profile && i == a.warmup {
-                fedsb_common::profile::take();
-                fedsb_common::profile::set_enabled(true);
-            }
-            let t = Instant::now();
-            let o = trainer.step(std::slice::from_ref(b))?;
-            let ms = t.elapsed().as_secs_f64() * 1e3;
-            if i == 0 {
-                first = o.loss;
-            }
-            last = o.loss;
-            if i >= a.warmup {
-                times.push(ms);
-            }
-        }
-        let profile = a.profile.then(|| finish_profile(&times));
-        let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
-        let max = times.iter().cloned().fold(0.0, f64::max);
-        let med = median(&mut times);
-        let adapted = model.linears().iter().filter(|l| l.adapter().is_some()).count();
-        emit(
-            a.json,
-            json!({
-                "model": shape.name, "what": "train_step", "adapter": kind.as_str(), "batch": shape.batch,
-                "seq_len": shape.seq, "rank": shape.rank, "adapted_matrices": adapted,
-                "trainable_params": model.num_trainable(), "steps": a.steps, "warmup": a.warmup,
-                "ms_per_step_median": med, "ms_per_step_min": min, "ms_per_step_max": max,
-                "tokens_per_s": (shape.batch * shape.seq) as f64 / (med / 1e3),
-                "loss_first": first, "loss_last": last, "threads": threads, "gemm": fedsb_common::mkl::backend().name(), "device": a.device,
-                "peak_rss_mib": peak_rss_mib(),
-            }),
-        );
-        if let Some(p) = profile {
-            emit_profile(a.json, shape, kind, "train_step", p);
-        }
+        let med = time_steps(a, shape, &model, &batches, kind)?;
         if a.dp {
             bench_dp_step(a, shape, &model, &batches, kind, med)?;
         }
@@ -297,10 +311,74 @@ fn bench_model(a: &BenchArgs, root: &std::path::Path, shape: &Shape) -> Result<(
     Ok(())
 }
 
+/// Times `a.steps` training steps (after `a.warmup`) of `model` on `batches` and prints them (with `--profile`, where
+/// the time goes); returns the median ms per step. Peak RSS is that of the steps alone (reset first: the init's
+/// gradients would otherwise dominate it).
+pub(crate) fn time_steps(
+    a: &BenchArgs,
+    shape: &Shape,
+    model: &Model,
+    batches: &[Batch],
+    kind: AdapterKind,
+) -> Result<f64> {
+    let threads = candle_core::utils::get_num_threads();
+    reset_peak_rss();
+    let total = a.warmup + a.steps;
+    let schedule = LrSchedule::new(1e-4, 0.0, total, ScheduleKind::Constant);
+    let mut trainer = Trainer::new(model, schedule, 0.0, Some(1.0))?;
+    let mut times = Vec::with_capacity(a.steps);
+    let (mut first, mut last) = (f64::NAN, f64::NAN);
+    for i in 0..total {
+        let b = &batches[i % batches.len()];
+        if a.profile && i == a.warmup {
+            fedsb_common::profile::take();
+            fedsb_common::profile::set_enabled(true);
+        }
+        let t = Instant::now();
+        let o = trainer.step(std::slice::from_ref(b))?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        if i == 0 {
+            first = o.loss;
+        }
+        last = o.loss;
+        if i >= a.warmup {
+            times.push(ms);
+        }
+        if !a.json && total > 3 && a.synthetic.is_some() {
+            eprintln!("  step {}/{total}: {ms:.0} ms, loss {:.4}", i + 1, o.loss);
+        }
+    }
+    let profile = a.profile.then(|| finish_profile(&times));
+    let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    let max = times.iter().cloned().fold(0.0, f64::max);
+    let med = median(&mut times);
+    let adapted = model.linears().iter().filter(|l| l.adapter().is_some()).count();
+    let wb = model.weight_bytes();
+    emit(
+        a.json,
+        json!({
+            "model": shape.name, "what": "train_step", "adapter": kind.as_str(), "batch": shape.batch,
+            "seq_len": shape.seq, "rank": shape.rank, "adapted_matrices": adapted,
+            "trainable_params": model.num_trainable(), "steps": a.steps, "warmup": a.warmup,
+            "ms_per_step_median": med, "ms_per_step_min": min, "ms_per_step_max": max,
+            "tokens_per_s": (shape.batch * shape.seq) as f64 / (med / 1e3),
+            "loss_first": first, "loss_last": last, "threads": threads, "gemm": fedsb_common::mkl::backend().name(),
+            "device": a.device, "peak_rss_mib": peak_rss_mib(),
+            "weight_bytes": wb.total, "weight_formats": wb.by_format,
+            "compact_products": fedsb_common::kernels::compact_engine_name(),
+            "compute_dtype": a.weights.compute_dtype,
+        }),
+    );
+    if let Some(p) = profile {
+        emit_profile(a.json, shape, kind, "train_step", p);
+    }
+    Ok(med)
+}
+
 /// The DP-SGD step on the same fixed batches (the expected batch is the bench batch; no Poisson draw, so the
 /// work per step equals the plain step's): per-sample gradients, clipping, noise, AdamW. It continues from the
 /// plain steps' trained tensors (only the time is measured).
-fn bench_dp_step(
+pub(crate) fn bench_dp_step(
     a: &BenchArgs,
     shape: &Shape,
     model: &Model,
@@ -448,7 +526,7 @@ fn emit_profile(json: bool, shape: &Shape, kind: AdapterKind, what: &str, p: Ste
 }
 
 /// The examples of one batch, back as [`Encoded`] (for the timed init on the bench's own data).
-fn init_examples(shape: &Shape, b: &Batch) -> Result<Vec<Encoded>> {
+pub(crate) fn init_examples(shape: &Shape, b: &Batch) -> Result<Vec<Encoded>> {
     let ids = b.ids.to_vec2::<u32>()?;
     let mask = b.mask.to_vec2::<u32>()?;
     let mut out = Vec::new();
@@ -465,7 +543,7 @@ fn init_examples(shape: &Shape, b: &Batch) -> Result<Vec<Encoded>> {
     Ok(out)
 }
 
-fn emit(json: bool, v: serde_json::Value) {
+pub(crate) fn emit(json: bool, v: serde_json::Value) {
     if json {
         println!("{v}");
         return;
@@ -497,8 +575,11 @@ fn emit(json: bool, v: serde_json::Value) {
             f("peak_rss_mib")
         );
     } else {
+        let formats: Vec<String> =
+            g("weight_formats").as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default();
         println!(
-            "{:<7} {:<8} step {}x{} r={:<3}: median {:>8.1} ms (min {:.1}), {:>7.0} tokens/s, peak RSS {:.0} MiB",
+            "{:<7} {:<8} step {}x{} r={:<3}: median {:>8.1} ms (min {:.1}), {:>7.0} tokens/s, peak RSS {:.0} MiB; \
+             frozen weights {} ({}) = {:.2}x below peak RSS",
             g("model").as_str().unwrap_or(""),
             g("adapter").as_str().unwrap_or(""),
             g("batch"),
@@ -507,7 +588,10 @@ fn emit(json: bool, v: serde_json::Value) {
             f("ms_per_step_median"),
             f("ms_per_step_min"),
             f("tokens_per_s"),
-            f("peak_rss_mib")
+            f("peak_rss_mib"),
+            fedsb_common::comm::human_bytes(f("weight_bytes") as u64),
+            formats.join("+"),
+            f("peak_rss_mib") * 1048576.0 / f("weight_bytes"),
         );
     }
 }

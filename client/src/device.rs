@@ -1,6 +1,31 @@
-//! Choosing the compute device from `--device`.
-use anyhow::{Result, bail};
+//! Choosing the compute device (`--device`) and how the frozen weights are held and multiplied (`--dtype`,
+//! `--compute-dtype`).
+use anyhow::{Context, Result, bail};
 use candle_core::Device;
+use fedsb_common::frozen::{ComputeDtype, WeightDtype};
+
+/// How the frozen base weights are held and multiplied.
+#[derive(clap::Args, Debug, Clone)]
+pub struct WeightArgs {
+    /// Format of the frozen base weights: `auto` (as the checkpoint stores them: f32, bf16, f16, or GGUF
+    /// blocks), or converted to f32, bf16, f16 or a GGUF block format (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k,
+    /// q4_k, q5_k, q6_k). Adapters, norms, the head and optimizer state are always f32.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// What the products with bf16/f16/quantized weights compute in: `auto` (bf16 inputs with f32
+    /// accumulation where the CPU has bf16 units — AMX or AVX-512 BF16 — else f32), `f32`, or `bf16`.
+    #[arg(long, default_value = "auto", env = "FEDSB_COMPUTE_DTYPE")]
+    pub compute_dtype: String,
+}
+
+impl WeightArgs {
+    /// Sets the process's compute dtype and returns the weight format to load with.
+    pub fn apply(&self) -> Result<WeightDtype> {
+        let c: ComputeDtype = self.compute_dtype.parse()?;
+        fedsb_common::frozen::set_compute_dtype(c)?;
+        self.dtype.parse::<WeightDtype>().context("--dtype")
+    }
+}
 
 /// Parses `cpu`, `cuda` or `cuda:N`. CUDA needs a build with `--features cuda`.
 pub fn parse_device(s: &str) -> Result<Device> {

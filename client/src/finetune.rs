@@ -24,6 +24,12 @@ pub struct FinetuneArgs {
     /// Model: a Hugging Face folder (config.json, *.safetensors, tokenizer.json) or a .gguf file.
     #[arg(long)]
     model: PathBuf,
+    #[command(flatten)]
+    weights: crate::device::WeightArgs,
+    /// Memory for the LoRA-SB init's full-weight gradients, MiB: the targeted layers are taken in groups that
+    /// fit, one gradient pass over the init samples per group.
+    #[arg(long, default_value_t = fedsb_common::adapter::init::DEFAULT_GRAD_MEMORY_MIB)]
+    init_grad_memory: usize,
     /// Training data, JSONL: {"text","label"} (classification), {"prompt","response"} or {"text"} (LM).
     #[arg(long)]
     train: PathBuf,
@@ -174,7 +180,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         (None, None) => 2,
     };
     eprintln!("loading {} ...", a.model.display());
-    let opts = LoadOptions { num_labels, head_seed: a.seed, tokenizer: None };
+    let opts = LoadOptions { num_labels, head_seed: a.seed, tokenizer: None, dtype: a.weights.apply()? };
     let loaded = load_model(&a.model, &device, &opts).with_context(|| format!("loading {}", a.model.display()))?;
     let task = loaded.model.task();
     if task != train_ds.task() {
@@ -260,6 +266,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
                 oversample: a.svd_oversample,
                 power_iters: a.svd_power_iters,
                 seed: a.seed,
+                grad_memory_mib: a.init_grad_memory,
             };
             eprintln!(
                 "LoRA-SB init: gradient over {} samples, η = {:.3e}, rank {} on {}",

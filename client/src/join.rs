@@ -75,6 +75,8 @@ pub struct JoinArgs {
     /// The base model (must be the run's: same weights, checked by sha256).
     #[arg(long)]
     model: PathBuf,
+    #[command(flatten)]
+    weights: crate::device::WeightArgs,
     /// This client's private training data (JSONL).
     #[arg(long)]
     data: PathBuf,
@@ -339,7 +341,8 @@ async fn session(a: JoinArgs) -> Result<()> {
     eprintln!("[{client_id}] joined run {} ({} examples)", reply.run_id, data.len());
     let init_ref = reply.init_blob.ok_or_else(|| anyhow!("the coordinator sent no init blob"))?;
     let init_bytes = fetch_blob(&a, &mut rpc, &init_ref).await?;
-    let opts = LoadOptions { num_labels: spec.num_labels, head_seed: spec.seed, tokenizer: None };
+    let opts =
+        LoadOptions { num_labels: spec.num_labels, head_seed: spec.seed, tokenizer: None, dtype: a.weights.apply()? };
     let loaded = load_model(&a.model, &device, &opts)?;
     let mut model: Model = loaded.model.clone();
     let init = decode_blob(&init_bytes, &device)?;
@@ -559,8 +562,9 @@ async fn session(a: JoinArgs) -> Result<()> {
 fn base_delta_since(original: &Model, model: &Model) -> Result<fedsb_common::TensorSet> {
     let mut out = fedsb_common::TensorSet::new();
     for (o, m) in original.linears().iter().zip(model.linears()) {
-        if o.weight().id() != m.weight().id() {
-            out.insert(format!("{}.weight", m.name()), (m.weight() - o.weight())?);
+        if !o.weight().same_storage(m.weight()) {
+            let dev = m.weight().device();
+            out.insert(format!("{}.weight", m.name()), (m.weight().to_f32(&dev)? - o.weight().to_f32(&dev)?)?);
         }
     }
     Ok(out)

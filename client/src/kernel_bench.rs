@@ -6,6 +6,7 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use fedsb_common::benchstats::median;
+use fedsb_common::frozen::FrozenWeight;
 use fedsb_common::{kernels, ops};
 use serde_json::json;
 
@@ -36,15 +37,24 @@ fn cases() -> Result<Vec<Case>> {
     let mut out = Vec::new();
     // MiniLM: 32 × 64 tokens, hidden 384, FFN 1536, 12 heads of 32; r = 16.
     let (rows, h, ffn) = (2048usize, 384usize, 1536usize);
-    let w_up = randn(&[ffn, h], 1, 0.05)?;
+    let w_up = FrozenWeight::dense("w", randn(&[ffn, h], 1, 0.05)?)?;
     let b_up = randn(&[ffn], 2, 0.05)?;
-    out.push(Case {
-        name: "frozen linear + bias (MiniLM FFN up)",
-        shape: format!("[{rows}, {h}] · [{ffn}, {h}]ᵀ"),
-        inputs: vars(&[(&[rows, h], 3)])?,
-        run: Box::new(move |v| ops::linear(v[0].as_tensor(), &w_up, Some(&b_up))),
-    });
-    let (w0, b0) = (randn(&[h, h], 4, 0.05)?, randn(&[h], 5, 0.05)?);
+    for fmt in ["f32", "bf16", "q8_0", "q4_0"] {
+        let w = w_up.convert("w", fmt.parse()?)?;
+        let b = b_up.clone();
+        out.push(Case {
+            name: match fmt {
+                "f32" => "frozen linear + bias (MiniLM FFN up)",
+                "bf16" => "frozen linear + bias, bf16 weight",
+                "q8_0" => "frozen linear + bias, q8_0 weight",
+                _ => "frozen linear + bias, q4_0 weight",
+            },
+            shape: format!("[{rows}, {h}] · [{ffn}, {h}]ᵀ"),
+            inputs: vars(&[(&[rows, h], 3)])?,
+            run: Box::new(move |v| ops::linear(v[0].as_tensor(), &w, Some(&b))),
+        });
+    }
+    let (w0, b0) = (FrozenWeight::dense("w0", randn(&[h, h], 4, 0.05)?)?, randn(&[h], 5, 0.05)?);
     let (a, b) = (randn(&[16, h], 6, 0.05)?, randn(&[h, 16], 7, 0.05)?);
     out.push(Case {
         name: "LoRA-SB linear (MiniLM query, r 16)",

@@ -8,6 +8,7 @@ mod kernel_bench;
 mod privacy;
 mod progress;
 mod svd_bench;
+mod synthetic_bench;
 
 use clap::{Parser, Subcommand};
 

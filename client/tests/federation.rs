@@ -48,7 +48,7 @@ fn base_config(model: &Path, init: &Path, state: &Path, clients: usize, rounds: 
         wire_dtype: WireDtype::F32,
         max_update_bytes: None,
         state_dir: state.to_path_buf(),
-        model: ModelSection { path: model.to_path_buf(), sha256: None, num_labels: 2 },
+        model: ModelSection { path: model.to_path_buf(), sha256: None, num_labels: 2, dtype: "auto".into() },
         adapter: AdapterSection { rank: 4, alpha: None, targets: None },
         local: fedsb_common::spec::LocalTraining { steps: Some(2), batch_size: 8, max_len: 32, ..Default::default() },
         init: InitSection {
@@ -59,6 +59,7 @@ fn base_config(model: &Path, init: &Path, state: &Path, clients: usize, rounds: 
             power_iters: 4,
             oversample: 4,
             private: false,
+            grad_memory_mib: fedsb_common::adapter::init::DEFAULT_GRAD_MEMORY_MIB,
         },
         eval: None,
         dp: None,
@@ -114,6 +115,7 @@ fn three_clients_two_rounds_over_mutual_tls() {
         work_dir: w.clone(),
         client_exe: PathBuf::from(env!("CARGO_BIN_EXE_fedsb-client")),
         client_output_inherit: false,
+        client_args: vec![],
     };
     let cfg = fed.prepare().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -10,6 +10,7 @@
 use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Shape, Tensor, backend::BackendStorage};
 
 use crate::Result;
+use crate::frozen::FrozenWeight;
 
 /// Additive mask value for positions that must not be attended to (finite, so a fully masked row gives a
 /// uniform distribution instead of NaN).
@@ -96,33 +97,61 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(y.reshape(out_shape)?)
 }
 
-/// A frozen linear layer: `x · wᵀ + b`, gradient for `x` only (on CPU f32 the bias is fused into the GEMM).
-pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    if let Some(b) = b
-        && crate::kernels::applies(x)
-        && w.dtype() == DType::F32
-        && b.dtype() == DType::F32
-    {
-        let dims = x.dims();
-        let in_dim = *dims.last().ok_or_else(|| crate::Error::tensor("x", "scalar input to a linear layer"))?;
-        let (out_dim, w_in) = w.dims2()?;
-        if w_in != in_dim || b.dims() != [out_dim] {
-            return Err(crate::Error::tensor(
-                "linear",
-                format!("input has {in_dim} features, weight {:?}, bias {:?}", w.dims(), b.dims()),
-            ));
-        }
-        let rows = x.elem_count() / in_dim.max(1);
-        let y = crate::kernels::frozen_linear(&x.reshape((rows, in_dim))?, w, b)?;
-        let mut out_shape = dims[..dims.len() - 1].to_vec();
-        out_shape.push(out_dim);
-        return Ok(y.reshape(out_shape)?);
+/// Checks `x` `[..., in]` against a weight `[out, in]` and bias `[out]`; returns `(rows, in, out)`.
+fn linear_dims(x: &Tensor, w: &FrozenWeight, b: Option<&Tensor>) -> Result<(usize, usize, usize)> {
+    let in_dim = *x.dims().last().ok_or_else(|| crate::Error::tensor("x", "scalar input to a linear layer"))?;
+    let (out_dim, w_in) = w.dims();
+    if w_in != in_dim || b.is_some_and(|b| b.dims() != [out_dim]) {
+        return Err(crate::Error::tensor(
+            "linear",
+            format!("input has {in_dim} features, weight {:?}, bias {:?}", w.dims(), b.map(|b| b.dims().to_vec())),
+        ));
     }
-    let y = frozen_matmul(x, w)?;
+    Ok((x.elem_count() / in_dim.max(1), in_dim, out_dim))
+}
+
+/// `x` `[..., in]` → `[..., out]`.
+fn with_out_dim(x: &Tensor, y: Tensor, out: usize) -> Result<Tensor> {
+    let dims = x.dims();
+    let mut shape = dims[..dims.len() - 1].to_vec();
+    shape.push(out);
+    Ok(y.reshape(shape)?)
+}
+
+/// A frozen linear layer: `x · Wᵀ + b` for a frozen weight in any format (f32, bf16, f16, a GGUF block
+/// format: see [`crate::frozen`]), gradient for `x` only. On the CPU the weight is read tile by tile inside the
+/// product (and the bias fused into it); elsewhere the weight is converted to `x`'s dtype for the call.
+pub fn linear(x: &Tensor, w: &FrozenWeight, b: Option<&Tensor>) -> Result<Tensor> {
+    let (rows, in_dim, out_dim) = linear_dims(x, w, b)?;
+    if crate::kernels::applies(x) && b.is_none_or(|b| b.dtype() == DType::F32) {
+        let y = crate::kernels::frozen_linear(&x.reshape((rows, in_dim))?, w, b)?;
+        return with_out_dim(x, y, out_dim);
+    }
+    let wt = match w {
+        FrozenWeight::Dense(t) => t.to_dtype(x.dtype())?,
+        FrozenWeight::Quant(_) => w.to_f32(x.device())?.to_dtype(x.dtype())?,
+    };
+    let y = frozen_matmul(x, &wt)?;
     match b {
         Some(b) => Ok(y.broadcast_add(b)?),
         None => Ok(y),
     }
+}
+
+/// [`linear`] that also sums the full-weight gradient `∂L/∂W = dyᵀ·x` of every backward pass into `sink` (the
+/// LoRA-SB init's gradient pass; CPU kernels only).
+pub fn linear_tracking(
+    x: &Tensor,
+    w: &FrozenWeight,
+    b: Option<&Tensor>,
+    sink: &crate::kernels::WeightGradSink,
+) -> Result<Tensor> {
+    let (rows, in_dim, out_dim) = linear_dims(x, w, b)?;
+    if !crate::kernels::applies(x) {
+        return Err(crate::Error::Numerics("the weight-gradient pass needs the CPU kernels on f32 inputs".into()));
+    }
+    let y = crate::kernels::frozen_linear_tracking(&x.reshape((rows, in_dim))?, w, b, sink)?;
+    with_out_dim(x, y, out_dim)
 }
 
 /// Softmax over the last dimension (a fused kernel with backward on CPU f32, else the differentiable composite).

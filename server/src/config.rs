@@ -92,6 +92,14 @@ pub struct ModelSection {
     /// Classes of the classification head (encoders).
     #[serde(default = "two")]
     pub num_labels: usize,
+    /// Format the coordinator holds the frozen weights in for the init and the evaluation: `auto` (as stored),
+    /// f32, bf16, f16, or a GGUF block format (see `fedsb_common::frozen`).
+    #[serde(default = "auto")]
+    pub dtype: String,
+}
+
+fn auto() -> String {
+    "auto".into()
 }
 
 fn two() -> usize {
@@ -139,6 +147,14 @@ pub struct InitSection {
     /// Randomized-SVD oversampling.
     #[serde(default = "eight")]
     pub oversample: usize,
+    /// Memory for the full-weight gradients the init sums, MiB: layers are taken in groups that fit (default
+    /// 1024; see `InitConfig::grad_memory_mib`).
+    #[serde(default = "grad_memory_mib")]
+    pub grad_memory_mib: usize,
+}
+
+fn grad_memory_mib() -> usize {
+    fedsb_common::adapter::init::DEFAULT_GRAD_MEMORY_MIB
 }
 
 fn init_batch() -> usize {
@@ -278,6 +294,7 @@ impl RunConfig {
         if self.rounds == 0 {
             bail!("rounds must be at least 1");
         }
+        self.model.dtype.parse::<fedsb_common::frozen::WeightDtype>().context("[model] dtype")?;
         match self.clients_per_round {
             ClientsPerRound::Count(0) => bail!("clients_per_round must be at least 1"),
             ClientsPerRound::Fraction(f) if !(f > 0.0 && f <= 1.0) => {

@@ -262,7 +262,12 @@ impl Coordinator {
         let loaded = load_model(
             &cfg.model.path,
             &dev,
-            &LoadOptions { num_labels: cfg.model.num_labels, head_seed: cfg.seed, tokenizer: None },
+            &LoadOptions {
+                num_labels: cfg.model.num_labels,
+                head_seed: cfg.seed,
+                tokenizer: None,
+                dtype: cfg.model.dtype.parse().context("[model] dtype")?,
+            },
         )
         .with_context(|| format!("loading {}", cfg.model.path.display()))?;
         let base_sha = loaded.weights_sha256()?;
@@ -306,6 +311,7 @@ impl Coordinator {
                 oversample: cfg.init.oversample,
                 power_iters: cfg.init.power_iters,
                 seed: cfg.seed,
+                grad_memory_mib: cfg.init.grad_memory_mib,
             };
             let init = if adapter.kind == AdapterKind::LoraSb {
                 tracing::info!(

@@ -134,7 +134,7 @@ pub async fn run_coordinator_side(shape: &LoadShape, work_dir: &Path, load_exe: 
         wire_dtype: shape.wire_dtype,
         max_update_bytes: None,
         state_dir: work_dir.join("state"),
-        model: ModelSection { path: PathBuf::new(), sha256: None, num_labels: 0 },
+        model: ModelSection { path: PathBuf::new(), sha256: None, num_labels: 0, dtype: "auto".into() },
         adapter: AdapterSection { rank: shape.rank, alpha: None, targets: None },
         local: Default::default(),
         init: InitSection {
@@ -145,6 +145,7 @@ pub async fn run_coordinator_side(shape: &LoadShape, work_dir: &Path, load_exe: 
             power_iters: 0,
             oversample: 0,
             private: false,
+            grad_memory_mib: fedsb_common::adapter::init::DEFAULT_GRAD_MEMORY_MIB,
         },
         eval: None,
         dp: None,

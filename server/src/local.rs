@@ -52,6 +52,8 @@ pub struct LocalFederation {
     pub client_exe: PathBuf,
     /// Show the clients' output on this terminal instead of log files.
     pub client_output_inherit: bool,
+    /// Extra arguments for every `fedsb-client join` (e.g. `--dtype bf16`).
+    pub client_args: Vec<String>,
 }
 
 fn write_jsonl(path: &Path, examples: &[&Example]) -> Result<()> {
@@ -155,7 +157,8 @@ impl LocalFederation {
             .arg("--data")
             .arg(w.join(format!("data/shard-{i}.jsonl")))
             .arg("--work-dir")
-            .arg(w.join(&name));
+            .arg(w.join(&name))
+            .args(&self.client_args);
         // Each client trains with one thread: N processes share the machine's cores.
         let threads = (std::thread::available_parallelism().map_or(2, |n| n.get()) / self.clients).max(1);
         cmd.env("RAYON_NUM_THREADS", threads.to_string());

@@ -181,6 +181,14 @@ struct LocalArgs {
     /// First examples of the training data kept as the coordinator's public data for the LoRA-SB init.
     #[arg(long, default_value_t = 256)]
     public_examples: usize,
+    /// Format of the frozen base weights, for the coordinator and every client: auto (as the checkpoint stores
+    /// them), f32, bf16, f16, or a GGUF block format (q8_0, q4_0, q4_k, ...).
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// What products with bf16/f16/quantized weights compute in, for the coordinator and every client: auto
+    /// (bf16 where the CPU has bf16 units), f32, bf16.
+    #[arg(long, default_value = "auto", env = "FEDSB_COMPUTE_DTYPE")]
+    compute_dtype: String,
     /// Method: fedsb (LoRA-SB, R averaged), or the baselines fedit (LoRA, A and B averaged), ffa-lora (LoRA
     /// with A frozen, B averaged), fedex-lora (FedIT plus the residual folded into the base weights) and flora
     /// (the stacked product merged into the base weights, adapters restarted each round).
@@ -279,6 +287,10 @@ struct RunArgs {
     /// Continue the latest run in the state folder from its last completed round.
     #[arg(long)]
     resume: bool,
+    /// What the products with bf16/f16/quantized frozen weights compute in: auto (bf16 where the CPU has bf16
+    /// units), f32, bf16. The weights' format is `[model] dtype` of the config.
+    #[arg(long, default_value = "auto", env = "FEDSB_COMPUTE_DTYPE")]
+    compute_dtype: String,
     /// Override `rounds` of the config.
     #[arg(long)]
     rounds: Option<u64>,
@@ -364,6 +376,7 @@ fn main() -> Result<()> {
 }
 
 fn run(a: RunArgs) -> Result<()> {
+    fedsb_common::frozen::set_compute_dtype(a.compute_dtype.parse()?)?;
     let mut cfg = RunConfig::load(&a.config)?;
     if let Some(r) = a.rounds {
         cfg.rounds = r;
@@ -406,6 +419,8 @@ fn run(a: RunArgs) -> Result<()> {
 fn local(a: LocalArgs) -> Result<()> {
     use fedsb_server::config::{AdapterSection, ClientsPerRound, EvalSection, InitSection, ModelSection, QuorumMiss};
     use fedsb_server::local::{LocalFederation, Split};
+    fedsb_common::frozen::set_compute_dtype(a.compute_dtype.parse()?)?;
+    a.dtype.parse::<fedsb_common::frozen::WeightDtype>().context("--dtype")?;
     let assets = a.assets.clone().unwrap_or_else(fedsb_common::assets::default_assets_dir);
     let model = a.model.clone().unwrap_or_else(|| assets.join("models/all-minilm-l6-v2"));
     let train = a.train.clone().unwrap_or_else(|| assets.join("data/rotten-tomatoes/train.jsonl"));
@@ -456,7 +471,7 @@ fn local(a: LocalArgs) -> Result<()> {
         wire_dtype: a.wire_dtype.parse()?,
         max_update_bytes: None,
         state_dir: a.work_dir.join("state"),
-        model: ModelSection { path: model.clone(), sha256: None, num_labels: 2 },
+        model: ModelSection { path: model.clone(), sha256: None, num_labels: 2, dtype: a.dtype.clone() },
         adapter: AdapterSection { rank: a.rank, alpha: None, targets: None },
         local,
         init: InitSection {
@@ -467,6 +482,7 @@ fn local(a: LocalArgs) -> Result<()> {
             power_iters: 6,
             oversample: 8,
             private: a.init_data_private,
+            grad_memory_mib: fedsb_common::adapter::init::DEFAULT_GRAD_MEMORY_MIB,
         },
         eval: Some(EvalSection {
             data: eval.clone(),
@@ -497,6 +513,7 @@ fn local(a: LocalArgs) -> Result<()> {
         work_dir: a.work_dir.clone(),
         client_exe,
         client_output_inherit: a.show_client_output,
+        client_args: vec!["--dtype".into(), a.dtype.clone(), "--compute-dtype".into(), a.compute_dtype.clone()],
     };
     let cfg = fed.prepare()?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -36,6 +36,18 @@ pub struct InitConfig {
     pub power_iters: usize,
     /// Seed of the sample choice and of the randomized SVD.
     pub seed: u64,
+    /// Memory for the summed full-weight gradients (f32, `d_out × d_in` per layer), MiB: the targeted layers are
+    /// taken in groups whose gradients fit, one set of gradient passes per group (a billion-parameter model's
+    /// gradients would otherwise need 4 bytes per targeted weight at once). At least one layer per group.
+    #[serde(default = "default_grad_memory_mib")]
+    pub grad_memory_mib: usize,
+}
+
+/// The default of [`InitConfig::grad_memory_mib`]: 1 GiB.
+pub const DEFAULT_GRAD_MEMORY_MIB: usize = 1024;
+
+fn default_grad_memory_mib() -> usize {
+    DEFAULT_GRAD_MEMORY_MIB
 }
 
 impl InitConfig {
@@ -54,6 +66,8 @@ pub struct InitReport {
     pub layers: usize,
     /// Seconds spent estimating gradients.
     pub gradient_seconds: f64,
+    /// Sets of gradient passes over the samples (one per group of layers whose gradients fit in memory).
+    pub gradient_passes: usize,
     /// Seconds spent in the truncated SVDs.
     pub svd_seconds: f64,
     /// Per layer: module name, shape and SVD milliseconds.
@@ -62,7 +76,8 @@ pub struct InitReport {
 
 /// Sums `∂L/∂W0` over `cfg.samples` examples of `data` (seeded choice) for every layer `adapter` targets.
 /// The per-batch mean loss is weighted by the batch's share of the samples, so the sum is the gradient of
-/// the mean loss over all samples (its scale does not matter for `sign`).
+/// the mean loss over all samples (its scale does not matter for `sign`). All the gradients are held at once:
+/// [`lora_sb_init`] takes the layers in groups instead (see [`InitConfig::grad_memory_mib`]).
 pub fn estimate_gradients(
     model: &mut Model,
     adapter: &AdapterConfig,
@@ -70,42 +85,79 @@ pub fn estimate_gradients(
     cfg: &InitConfig,
     pad_id: u32,
 ) -> Result<Vec<(String, Tensor)>> {
+    let kinds = adapter.resolve_targets(model.target_kinds())?;
+    let names: Vec<String> =
+        model.linears().iter().filter(|l| kinds.contains(&l.kind())).map(|l| l.name().to_string()).collect();
+    gradient_passes(model, &names, data, cfg, pad_id)
+}
+
+/// The summed full-weight gradients of the layers `names` (in the model's layer order) over `cfg.samples`
+/// examples: one forward and backward pass per batch, the gradients summed by the layers themselves
+/// ([`crate::adapter::AdaptedLinear::track_weight_grad`]). The model is left without adapters.
+fn gradient_passes(
+    model: &mut Model,
+    names: &[String],
+    data: &[Encoded],
+    cfg: &InitConfig,
+    pad_id: u32,
+) -> Result<Vec<(String, Tensor)>> {
     if data.is_empty() {
         return Err(Error::Data("the init dataset is empty".into()));
     }
-    let kinds = adapter.resolve_targets(model.target_kinds())?;
     let n = cfg.samples.clamp(1, data.len());
     let order = epoch_order(data.len(), cfg.seed, true);
     model.detach_adapters();
     for l in model.linears_mut() {
-        l.track_weight_grad(kinds.contains(&l.kind()))?;
+        let on = names.iter().any(|n| n == l.name());
+        l.track_weight_grad(on)?;
     }
     let result = (|| -> Result<Vec<(String, Tensor)>> {
-        let tracked: Vec<(String, candle_core::Var)> =
-            model.linears().iter().filter_map(|l| l.weight_var().map(|v| (l.name().to_string(), v.clone()))).collect();
-        let mut sums: Vec<Option<Tensor>> = vec![None; tracked.len()];
         for chunk in order[..n].chunks(cfg.batch_size.max(1)) {
             let items: Vec<&Encoded> = chunk.iter().map(|&i| &data[i]).collect();
             let batch = Batch::collate(&items, pad_id, model.device())?;
             let out = batch_loss(model, &batch)?;
             let loss = (out.loss * (chunk.len() as f64 / n as f64))?;
             let grads = loss.backward()?;
-            for (slot, (name, var)) in sums.iter_mut().zip(&tracked) {
-                let g = grads
-                    .get(var.as_tensor())
-                    .ok_or_else(|| Error::Numerics(format!("no gradient reached `{name}.weight`")))?;
-                *slot = Some(match slot.take() {
-                    None => g.clone(),
-                    Some(p) => (p + g)?,
-                });
+            for l in model.linears().iter().filter(|l| l.tracks_weight_grad()) {
+                l.collect_weight_grad(&grads)?;
             }
         }
-        Ok(tracked.into_iter().zip(sums).map(|((n, _), s)| (n, s.expect("at least one batch"))).collect())
+        let mut out = Vec::with_capacity(names.len());
+        for l in model.linears().iter().filter(|l| l.tracks_weight_grad()) {
+            let g = l
+                .take_weight_grad()?
+                .ok_or_else(|| Error::Numerics(format!("no gradient reached `{}.weight`", l.name())))?;
+            out.push((l.name().to_string(), g));
+        }
+        Ok(out)
     })();
     for l in model.linears_mut() {
         l.track_weight_grad(false)?;
     }
     result
+}
+
+/// The targeted layers in groups whose f32 gradients fit `budget` bytes (at least one layer a group), in layer
+/// order.
+fn layer_groups(model: &Model, adapter: &AdapterConfig, budget: usize) -> Result<Vec<Vec<String>>> {
+    let kinds = adapter.resolve_targets(model.target_kinds())?;
+    let mut groups: Vec<Vec<String>> = Vec::new();
+    let mut used = 0usize;
+    for l in model.linears().into_iter().filter(|l| kinds.contains(&l.kind())) {
+        let (n, k) = l.dims();
+        let bytes = n * k * 4;
+        match groups.last_mut() {
+            Some(g) if used + bytes <= budget => {
+                g.push(l.name().to_string());
+                used += bytes;
+            }
+            _ => {
+                groups.push(vec![l.name().to_string()]);
+                used = bytes;
+            }
+        }
+    }
+    Ok(groups)
 }
 
 /// `ΔW = −η·sign(G)` factored as LoRA-SB's `B`, `R`, `A` for rank `adapter.rank` (see the module docs).
@@ -156,28 +208,43 @@ pub fn lora_sb_init(
     if !(cfg.eta.is_finite() && cfg.eta > 0.0) {
         return Err(Error::Config(format!("init step size η must be positive, got {}", cfg.eta)));
     }
-    let t0 = Instant::now();
-    let grads = estimate_gradients(model, adapter, data, cfg, pad_id)?;
-    let gradient_seconds = t0.elapsed().as_secs_f64();
+    if data.is_empty() {
+        return Err(Error::Data("the init dataset is empty".into()));
+    }
+    let groups = layer_groups(model, adapter, cfg.grad_memory_mib.max(1) << 20)?;
+    if groups.len() > 1 {
+        tracing::info!(
+            "LoRA-SB init: {} gradient groups (--init-grad-memory {} MiB), one set of passes each",
+            groups.len(),
+            cfg.grad_memory_mib
+        );
+    }
+    let total: usize = groups.iter().map(Vec::len).sum();
     let mut set = TensorSet::new();
     let mut report = InitReport {
         samples: cfg.samples.clamp(1, data.len()),
-        layers: grads.len(),
-        gradient_seconds,
+        layers: total,
+        gradient_passes: groups.len(),
         ..Default::default()
     };
-    let t1 = Instant::now();
-    let total = grads.len();
-    for (i, (name, g)) in grads.into_iter().enumerate() {
-        let ts = Instant::now();
-        let (rows, cols) = g.dims2()?;
-        for (k, t) in factor_update(&name, &g, adapter, cfg)? {
-            set.insert(k, t);
+    let mut done = 0;
+    for group in &groups {
+        let t0 = Instant::now();
+        let grads = gradient_passes(model, group, data, cfg, pad_id)?;
+        report.gradient_seconds += t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        for (name, g) in grads {
+            let ts = Instant::now();
+            let (rows, cols) = g.dims2()?;
+            for (k, t) in factor_update(&name, &g, adapter, cfg)? {
+                set.insert(k, t);
+            }
+            report.per_layer.push((name, rows, cols, ts.elapsed().as_secs_f64() * 1e3));
+            done += 1;
+            on_layer(done, total);
         }
-        report.per_layer.push((name, rows, cols, ts.elapsed().as_secs_f64() * 1e3));
-        on_layer(i + 1, total);
+        report.svd_seconds += t1.elapsed().as_secs_f64();
     }
-    report.svd_seconds = t1.elapsed().as_secs_f64();
     set.set_metadata("fedsb.kind", "lora-sb-init");
     set.set_metadata("fedsb.rank", adapter.rank.to_string());
     set.set_metadata("fedsb.alpha", adapter.alpha.to_string());
@@ -206,7 +273,15 @@ mod tests {
     }
 
     fn cfg() -> InitConfig {
-        InitConfig { samples: 4, batch_size: 2, eta: 1e-3, oversample: 4, power_iters: 4, seed: 7 }
+        InitConfig {
+            samples: 4,
+            batch_size: 2,
+            eta: 1e-3,
+            oversample: 4,
+            power_iters: 4,
+            seed: 7,
+            grad_memory_mib: DEFAULT_GRAD_MEMORY_MIB,
+        }
     }
 
     #[test]
@@ -221,7 +296,7 @@ mod tests {
         assert_eq!(report.layers, 6);
         assert_eq!(set.len(), 18);
         for l in model.linears() {
-            assert!(l.weight_var().is_none(), "weights are frozen again");
+            assert!(!l.tracks_weight_grad(), "weights are frozen again");
         }
         for (name, g) in &grads {
             let a = set.require(&format!("{name}.lora_A.weight")).unwrap();
@@ -256,6 +331,30 @@ mod tests {
         let mut model2 = Model::CausalLm(LlamaModel::random(&LlamaConfig::tiny(), 3, &dev).unwrap());
         let (set2, _) = lora_sb_init(&mut model2, &adapter, &data, &cfg(), 0, &mut |_, _| {}).unwrap();
         assert_eq!(set.content_hash().unwrap(), set2.content_hash().unwrap());
+    }
+
+    /// Gradients taken a group of layers at a time equal those of one pass over all layers (the grouping a
+    /// memory budget forces changes the work, not the result).
+    #[test]
+    fn grouped_gradient_passes_give_the_same_gradients() {
+        let dev = Device::Cpu;
+        let mut model = Model::CausalLm(LlamaModel::random(&LlamaConfig::tiny(), 3, &dev).unwrap());
+        let adapter = AdapterConfig::new(AdapterKind::LoraSb, 4, &["q", "v", "down"]);
+        let data = lm_data();
+        let all = estimate_gradients(&mut model, &adapter, &data, &cfg(), 0).unwrap();
+        let groups = layer_groups(&model, &adapter, 1).unwrap();
+        assert_eq!(groups.len(), 6, "a one-byte budget puts every layer in its own group");
+        assert_eq!(layer_groups(&model, &adapter, 1 << 30).unwrap().len(), 1);
+        let mut grouped = Vec::new();
+        for g in &groups {
+            grouped.extend(gradient_passes(&mut model, g, &data, &cfg(), 0).unwrap());
+        }
+        assert_eq!(all.len(), grouped.len());
+        for ((na, ga), (nb, gb)) in all.iter().zip(&grouped) {
+            assert_eq!(na, nb);
+            let d = (ga - gb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-6, "{na}: {d}");
+        }
     }
 
     #[test]

@@ -3,6 +3,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
 use super::{AdapterConfig, AdapterKind};
+use crate::frozen::FrozenWeight;
+use crate::kernels::WeightGradSink;
 use crate::tensors::TensorSet;
 use crate::{Error, Result, ops};
 
@@ -34,19 +36,30 @@ pub enum Adapter {
     },
 }
 
-/// A linear layer of a pretrained model: frozen `W0` (`d_out × d_in`) and bias, plus an optional adapter
-/// scaled by `scale`. The forward pass is `x·W0ᵀ + b + scale·((x·Aᵀ)·Rᵀ)·Bᵀ` (LoRA-SB) or
-/// `x·W0ᵀ + b + scale·(x·Aᵀ)·Bᵀ` (LoRA, FFA-LoRA); no gradient is ever computed for `W0` except while the
-/// LoRA-SB init estimates it (see [`AdaptedLinear::track_weight_grad`]).
+/// A linear layer of a pretrained model: frozen `W0` (`d_out × d_in`, in its compact format: see
+/// [`crate::frozen`]) and bias, plus an optional adapter scaled by `scale`. The forward pass is
+/// `x·W0ᵀ + b + scale·((x·Aᵀ)·Rᵀ)·Bᵀ` (LoRA-SB) or `x·W0ᵀ + b + scale·(x·Aᵀ)·Bᵀ` (LoRA, FFA-LoRA); no gradient
+/// is ever computed for `W0` except while the LoRA-SB init estimates it (see
+/// [`AdaptedLinear::track_weight_grad`]).
 #[derive(Clone, Debug)]
 pub struct AdaptedLinear {
     name: String,
     kind: &'static str,
-    w0: Tensor,
+    w0: FrozenWeight,
     bias: Option<Tensor>,
     adapter: Option<Adapter>,
     scale: f64,
-    weight_var: Option<Var>,
+    weight_grad: Option<WeightGrad>,
+}
+
+/// How `∂L/∂W0` is read while the LoRA-SB init tracks it.
+#[derive(Clone, Debug)]
+enum WeightGrad {
+    /// The CPU kernels sum `dyᵀ·x` into a sink in each backward pass (W0 stays as it is).
+    Sink(WeightGradSink),
+    /// Elsewhere (other devices, kernels off): `W0` as an f32 variable, its gradient read from each
+    /// backward pass's store and summed into the sink.
+    Var(Var, WeightGradSink),
 }
 
 fn fnv1a(s: &str) -> u64 {
@@ -70,15 +83,15 @@ pub fn kaiming_uniform_a(name: &str, rank: usize, d_in: usize, seed: u64, device
 impl AdaptedLinear {
     /// A frozen layer with no adapter. `name` is its module path (e.g. `model.layers.0.self_attn.q_proj`),
     /// `kind` its target name (`q`).
-    pub fn new(name: impl Into<String>, kind: &'static str, w0: Tensor, bias: Option<Tensor>) -> Result<Self> {
+    pub fn new(name: impl Into<String>, kind: &'static str, w0: FrozenWeight, bias: Option<Tensor>) -> Result<Self> {
         let name = name.into();
-        let (d_out, _) = w0.dims2().map_err(|_| Error::tensor(format!("{name}.weight"), "must be 2-D"))?;
+        let (d_out, _) = w0.dims();
         if let Some(b) = &bias
             && b.dims() != [d_out]
         {
             return Err(Error::tensor(format!("{name}.bias"), format!("shape {:?}, expected [{d_out}]", b.dims())));
         }
-        Ok(Self { name, kind, w0, bias, adapter: None, scale: 1.0, weight_var: None })
+        Ok(Self { name, kind, w0, bias, adapter: None, scale: 1.0, weight_grad: None })
     }
 
     /// The module path.
@@ -93,12 +106,11 @@ impl AdaptedLinear {
 
     /// `(d_out, d_in)`.
     pub fn dims(&self) -> (usize, usize) {
-        let d = self.w0.dims();
-        (d[0], d[1])
+        self.w0.dims()
     }
 
     /// The frozen base weight.
-    pub fn weight(&self) -> &Tensor {
+    pub fn weight(&self) -> &FrozenWeight {
         &self.w0
     }
 
@@ -123,7 +135,7 @@ impl AdaptedLinear {
     pub fn attach(&mut self, cfg: &AdapterConfig, init: Option<&TensorSet>) -> Result<()> {
         let (d_out, d_in) = self.dims();
         let r = cfg.rank;
-        let dev = self.w0.device().clone();
+        let dev = self.w0.device();
         let get = |suffix: &str, shape: (usize, usize)| -> Result<Option<Tensor>> {
             let key = format!("{}.{suffix}", self.name);
             match init.and_then(|s| s.get(&key)) {
@@ -187,21 +199,55 @@ impl AdaptedLinear {
         self.adapter = None;
     }
 
-    /// While `on`, `W0` is a trainable variable so that the full-weight gradient `∂L/∂W0` can be read (the
-    /// LoRA-SB init needs it). Off by default; turning it off restores the frozen weight.
+    /// While `on`, every backward pass sums the full-weight gradient `∂L/∂W0` of this layer (the LoRA-SB init
+    /// needs it): on the CPU kernels without touching `W0`, elsewhere through an f32 variable standing for it
+    /// (then [`Self::collect_weight_grad`] reads each pass's gradient). Off by default; turning it off drops
+    /// what was summed.
     pub fn track_weight_grad(&mut self, on: bool) -> Result<()> {
-        self.weight_var = if on { Some(Var::from_tensor(&self.w0)?) } else { None };
+        self.weight_grad = if !on {
+            None
+        } else {
+            let (n, k) = self.dims();
+            let sink = WeightGradSink::new(n, k)?;
+            if self.w0.device().is_cpu() && crate::kernels::active_here() {
+                Some(WeightGrad::Sink(sink))
+            } else {
+                let dev = self.w0.device();
+                Some(WeightGrad::Var(Var::from_tensor(&self.w0.to_f32(&dev)?)?, sink))
+            }
+        };
         Ok(())
     }
 
-    /// The variable standing for `W0` while [`Self::track_weight_grad`] is on.
-    pub fn weight_var(&self) -> Option<&Var> {
-        self.weight_var.as_ref()
+    /// Whether the full-weight gradient is being tracked.
+    pub fn tracks_weight_grad(&self) -> bool {
+        self.weight_grad.is_some()
+    }
+
+    /// After a backward pass: adds its `∂L/∂W0` to the sum where it is read from the gradient store (the
+    /// variable path); the kernels' sink needs nothing. Fails when the pass gave `W0` no gradient.
+    pub fn collect_weight_grad(&self, grads: &candle_core::backprop::GradStore) -> Result<()> {
+        if let Some(WeightGrad::Var(v, sink)) = &self.weight_grad {
+            let g = grads
+                .get(v.as_tensor())
+                .ok_or_else(|| Error::Numerics(format!("no gradient reached `{}.weight`", self.name)))?;
+            sink.add_tensor(g)?;
+        }
+        Ok(())
+    }
+
+    /// The full-weight gradient summed since tracking started (`None` before any backward pass reached it),
+    /// leaving the sum empty.
+    pub fn take_weight_grad(&self) -> Result<Option<Tensor>> {
+        match &self.weight_grad {
+            None => Ok(None),
+            Some(WeightGrad::Sink(s) | WeightGrad::Var(_, s)) => Ok(s.take()?),
+        }
     }
 
     /// The forward pass; `x` is `[..., d_in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let (None, Some(Adapter::LoraSb { a, b, r })) = (&self.weight_var, &self.adapter)
+        if let (None, Some(Adapter::LoraSb { a, b, r })) = (&self.weight_grad, &self.adapter)
             && crate::kernels::applies(x)
         {
             // One fused op for the base layer and the adapter path (with R, or a per-sample copy of it).
@@ -230,14 +276,15 @@ impl AdaptedLinear {
             }
             return Ok(y.reshape(out)?);
         }
-        let base = match &self.weight_var {
-            Some(w) => {
+        let base = match &self.weight_grad {
+            Some(WeightGrad::Var(w, _)) => {
                 let y = x.broadcast_matmul(&w.as_tensor().t()?)?;
                 match &self.bias {
                     Some(b) => y.broadcast_add(b)?,
                     None => y,
                 }
             }
+            Some(WeightGrad::Sink(sink)) => ops::linear_tracking(x, &self.w0, self.bias.as_ref(), sink)?,
             None => ops::linear(x, &self.w0, self.bias.as_ref())?,
         };
         let side = match &self.adapter {
@@ -365,23 +412,27 @@ impl AdaptedLinear {
     /// merged product reach a client's model. Refused (nothing changes) while `W0` tracks a gradient.
     pub fn add_to_base(&mut self, delta: &Tensor) -> Result<()> {
         let name = format!("{}.weight", self.name);
-        if delta.dims() != self.w0.dims() {
-            return Err(Error::tensor(name, format!("base delta {:?}, expected {:?}", delta.dims(), self.w0.dims())));
+        let (n, k) = self.w0.dims();
+        if delta.dims() != [n, k] {
+            return Err(Error::tensor(name, format!("base delta {:?}, expected {:?}", delta.dims(), [n, k])));
         }
-        if self.weight_var.is_some() {
+        if self.weight_grad.is_some() {
             return Err(Error::tensor(name, "cannot change W0 while its gradient is tracked"));
         }
         check_finite(&name, delta)?;
-        let d = delta.to_device(self.w0.device())?.to_dtype(self.w0.dtype())?;
-        self.w0 = (&self.w0 + d)?;
+        if self.w0.format().is_compact() {
+            tracing::debug!("{name}: a folded base delta makes this {} weight f32", self.w0.format());
+        }
+        self.w0 = self.w0.add_f32(&delta.to_device(&self.w0.device())?)?;
         Ok(())
     }
 
-    /// `W0 + ΔW` (just `W0` without an adapter).
+    /// `W0 + ΔW` (just `W0` without an adapter), as an f32 tensor.
     pub fn merged_weight(&self) -> Result<Tensor> {
+        let w0 = self.w0.to_f32(&self.w0.device())?;
         match self.delta_weight()? {
-            Some(d) => Ok((&self.w0 + d)?),
-            None => Ok(self.w0.clone()),
+            Some(d) => Ok((w0 + d)?),
+            None => Ok(w0),
         }
     }
 
@@ -411,6 +462,10 @@ pub fn check_finite(name: &str, t: &Tensor) -> Result<()> {
 mod tests {
     use super::*;
 
+    fn fw(t: &Tensor) -> FrozenWeight {
+        FrozenWeight::dense("w0", t.clone()).unwrap()
+    }
+
     fn maxdiff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }
@@ -431,7 +486,7 @@ mod tests {
         let bias = Tensor::randn(0f32, 1., d_out, &dev).unwrap();
         let x = Tensor::randn(0f32, 1., (2, 4, d_in), &dev).unwrap();
         for kind in [AdapterKind::LoraSb, AdapterKind::Lora, AdapterKind::FfaLora] {
-            let mut l = AdaptedLinear::new("m.q", "q", w0.clone(), Some(bias.clone())).unwrap();
+            let mut l = AdaptedLinear::new("m.q", "q", fw(&w0), Some(bias.clone())).unwrap();
             let mut cfg = AdapterConfig::new(kind, r, &["q"]);
             cfg.alpha = 2.0 * r as f64;
             let init = lora_sb_init("m.q", d_out, d_in, r, &dev);
@@ -453,7 +508,7 @@ mod tests {
     fn only_adapter_tensors_get_gradients() {
         let dev = Device::Cpu;
         let w0 = Tensor::randn(0f32, 1., (4, 3), &dev).unwrap();
-        let mut l = AdaptedLinear::new("m.v", "v", w0, None).unwrap();
+        let mut l = AdaptedLinear::new("m.v", "v", fw(&w0), None).unwrap();
         l.attach(&AdapterConfig::new(AdapterKind::LoraSb, 2, &["v"]), Some(&lora_sb_init("m.v", 4, 3, 2, &dev)))
             .unwrap();
         let x = Var::randn(0f32, 1., (5, 3), &dev).unwrap();
@@ -463,19 +518,19 @@ mod tests {
         let gr = g.get(r.as_tensor()).expect("R has a gradient");
         assert!(gr.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
         assert!(g.get(x.as_tensor()).is_some());
-        assert!(g.get(l.weight()).is_none());
+        assert!(g.get(l.weight().as_f32().unwrap()).is_none());
     }
 
     #[test]
     fn lora_starts_at_zero_delta_and_ffa_a_is_shared() {
         let dev = Device::Cpu;
         let w0 = Tensor::randn(0f32, 1., (4, 3), &dev).unwrap();
-        let mut l = AdaptedLinear::new("m.k", "k", w0.clone(), None).unwrap();
+        let mut l = AdaptedLinear::new("m.k", "k", fw(&w0), None).unwrap();
         l.attach(&AdapterConfig::new(AdapterKind::Lora, 2, &["k"]), None).unwrap();
         let d = l.delta_weight().unwrap().unwrap();
         assert_eq!(d.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
-        let mut f1 = AdaptedLinear::new("m.k", "k", w0.clone(), None).unwrap();
-        let mut f2 = AdaptedLinear::new("m.k", "k", w0, None).unwrap();
+        let mut f1 = AdaptedLinear::new("m.k", "k", fw(&w0), None).unwrap();
+        let mut f2 = AdaptedLinear::new("m.k", "k", fw(&w0), None).unwrap();
         let cfg = AdapterConfig::new(AdapterKind::FfaLora, 2, &["k"]);
         f1.attach(&cfg, None).unwrap();
         f2.attach(&cfg, None).unwrap();
@@ -490,7 +545,7 @@ mod tests {
     fn bad_init_and_bad_loads_change_nothing() {
         let dev = Device::Cpu;
         let w0 = Tensor::randn(0f32, 1., (4, 3), &dev).unwrap();
-        let mut l = AdaptedLinear::new("m.q", "q", w0, None).unwrap();
+        let mut l = AdaptedLinear::new("m.q", "q", fw(&w0), None).unwrap();
         let cfg = AdapterConfig::new(AdapterKind::LoraSb, 2, &["q"]);
         assert!(l.attach(&cfg, None).is_err());
         let wrong = lora_sb_init("m.q", 4, 3, 3, &dev); // rank 3 tensors for a rank-2 config

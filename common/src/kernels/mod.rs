@@ -86,7 +86,13 @@ mod softmax;
 pub use attention::{attention, attention_seq_major};
 pub use elementwise::{gelu_erf, silu_mul};
 pub use frozen_gemm::amx_bf16_available;
-pub use linear::{frozen_linear, frozen_matmul};
+
+/// How products with compact (bf16, f16, quantized) frozen weights run under the current settings: `f32 tiles`,
+/// `bf16 (AVX-512 BF16)` or `bf16 (MKL, AMX)` (for the benches' reports).
+pub fn compact_engine_name() -> &'static str {
+    frozen_gemm::engine().name()
+}
+pub use linear::{WeightGradSink, frozen_linear, frozen_linear_tracking, frozen_matmul};
 pub use lora_sb::lora_sb_linear;
 pub use norm::{layer_norm, rms_norm};
 pub use rope::rope;
@@ -136,6 +142,11 @@ pub fn without<R>(f: impl FnOnce() -> R) -> R {
     }
     let _restore = Restore(OFF_HERE.with(|o| o.replace(true)));
     f()
+}
+
+/// Whether the kernels are on for this thread (not off by `FEDSB_KERNELS=off` nor by [`without`]).
+pub fn active_here() -> bool {
+    enabled() && !OFF_HERE.with(|o| o.get())
 }
 
 /// Whether the kernels are on (`FEDSB_KERNELS` is not `off`), read once.

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::config::BertConfig;
 use super::weights::WeightMap;
 use crate::adapter::AdaptedLinear;
+use crate::frozen::{FrozenWeight, WeightBytes};
 use crate::{Error, Result, ops};
 
 /// The target kinds of a BERT model, in layer order.
@@ -48,7 +49,7 @@ struct Layer {
 pub struct BertModel {
     cfg: BertConfig,
     prefix: String,
-    word: Tensor,
+    word: FrozenWeight,
     pos: Tensor,
     token_type: Tensor,
     emb_norm: LayerNorm,
@@ -68,7 +69,7 @@ impl BertModel {
 
     fn load_inner(cfg: &BertConfig, w: &mut WeightMap, prefix: &str) -> Result<Self> {
         let (d, ff) = (cfg.hidden_size, cfg.intermediate_size);
-        let word = w.take("embeddings.word_embeddings.weight", &[cfg.vocab_size, d])?;
+        let word = w.take_frozen("embeddings.word_embeddings.weight", &[cfg.vocab_size, d])?;
         let pos = w.take("embeddings.position_embeddings.weight", &[cfg.max_position_embeddings, d])?;
         let token_type = w.take("embeddings.token_type_embeddings.weight", &[cfg.type_vocab_size, d])?;
         let emb_norm = LayerNorm::load(w, "embeddings.LayerNorm", d)?;
@@ -77,7 +78,7 @@ impl BertModel {
             let p = format!("encoder.layer.{i}");
             let mut lin = |sub: &str, kind: &'static str, out: usize, inp: usize| -> Result<AdaptedLinear> {
                 let local = format!("{p}.{sub}");
-                let weight = w.take(&format!("{local}.weight"), &[out, inp])?;
+                let weight = w.take_frozen(&format!("{local}.weight"), &[out, inp])?;
                 let bias = w.take(&format!("{local}.bias"), &[out])?;
                 AdaptedLinear::new(format!("{prefix}{local}"), kind, weight, Some(bias))
             };
@@ -119,7 +120,17 @@ impl BertModel {
 
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
-        self.word.device()
+        self.pos.device()
+    }
+
+    /// Bytes of the frozen matrices (linear weights, word embeddings) by format.
+    pub fn weight_bytes(&self) -> WeightBytes {
+        let mut b = WeightBytes::default();
+        b.add(&self.word);
+        for l in self.linears() {
+            b.add(l.weight());
+        }
+        b
     }
 
     /// Every linear layer, in layer order.
@@ -139,7 +150,7 @@ impl BertModel {
     pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
         let p = &self.prefix;
         let mut v = vec![
-            (format!("{p}embeddings.word_embeddings.weight"), self.word.clone()),
+            (format!("{p}embeddings.word_embeddings.weight"), self.word.to_f32(self.device())?),
             (format!("{p}embeddings.position_embeddings.weight"), self.pos.clone()),
             (format!("{p}embeddings.token_type_embeddings.weight"), self.token_type.clone()),
             (format!("{p}embeddings.LayerNorm.weight"), self.emb_norm.w.clone()),
@@ -173,7 +184,7 @@ impl BertModel {
         let d = self.cfg.hidden_size;
         let h = self.cfg.num_attention_heads;
         let hd = d / h;
-        let words = self.word.embedding(&ids.flatten_all()?)?.reshape((b, t, d))?;
+        let words = self.word.embedding(&ids.flatten_all()?)?.to_device(self.device())?.reshape((b, t, d))?;
         let pos = self.pos.narrow(0, 0, t)?.unsqueeze(0)?;
         let types = match type_ids {
             Some(tt) => self.token_type.embedding(&tt.flatten_all()?)?.reshape((b, t, d))?,

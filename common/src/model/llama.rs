@@ -8,6 +8,7 @@ use candle_core::{D, DType, Device, IndexOp, Tensor};
 use super::config::LlamaConfig;
 use super::weights::WeightMap;
 use crate::adapter::AdaptedLinear;
+use crate::frozen::{FrozenWeight, WeightBytes};
 use crate::{Result, ops};
 
 /// The target kinds of a Llama model, in layer order.
@@ -54,10 +55,10 @@ impl KvCache {
 #[derive(Clone, Debug)]
 pub struct LlamaModel {
     cfg: LlamaConfig,
-    embed: Tensor,
+    embed: FrozenWeight,
     blocks: Vec<Block>,
     norm: Tensor,
-    lm_head: Option<Tensor>,
+    lm_head: Option<FrozenWeight>,
     inv_freq: Tensor,
 }
 
@@ -67,14 +68,14 @@ impl LlamaModel {
         cfg.validate()?;
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
         let (hq, hkv, hd, ff) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
-        let embed = w.take("model.embed_tokens.weight", &[v, d])?;
+        let embed = w.take_frozen("model.embed_tokens.weight", &[v, d])?;
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let mut lin =
                 |sub: &str, kind: &'static str, out: usize, inp: usize, bias: bool| -> Result<AdaptedLinear> {
                     let name = format!("{p}.{sub}");
-                    let weight = w.take(&format!("{name}.weight"), &[out, inp])?;
+                    let weight = w.take_frozen(&format!("{name}.weight"), &[out, inp])?;
                     let b = if bias {
                         Some(w.take(&format!("{name}.bias"), &[out])?)
                     } else {
@@ -104,13 +105,13 @@ impl LlamaModel {
         }
         let norm = w.take("model.norm.weight", &[d])?;
         let lm_head = if w.contains("lm_head.weight") {
-            Some(w.take("lm_head.weight", &[v, d])?)
+            Some(w.take_frozen("lm_head.weight", &[v, d])?)
         } else if cfg.tie_word_embeddings {
             None
         } else {
             return Err(crate::Error::tensor("lm_head.weight", "missing and tie_word_embeddings is false"));
         };
-        let inv_freq = Tensor::new(cfg.rope_inv_freq(), embed.device())?;
+        let inv_freq = Tensor::new(cfg.rope_inv_freq(), norm.device())?;
         Ok(Self { cfg: cfg.clone(), embed, blocks, norm, lm_head, inv_freq })
     }
 
@@ -127,7 +128,20 @@ impl LlamaModel {
 
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
-        self.embed.device()
+        self.norm.device()
+    }
+
+    /// Bytes of the frozen matrices (linear weights, embeddings, LM head) by format.
+    pub fn weight_bytes(&self) -> WeightBytes {
+        let mut b = WeightBytes::default();
+        b.add(&self.embed);
+        if let Some(h) = &self.lm_head {
+            b.add(h);
+        }
+        for l in self.linears() {
+            b.add(l.weight());
+        }
+        b
     }
 
     /// Every linear layer, in layer order.
@@ -145,7 +159,7 @@ impl LlamaModel {
 
     /// Every base tensor with its Hugging Face name; linear weights have their adapter's `ΔW` merged in.
     pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut v = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        let mut v = vec![("model.embed_tokens.weight".to_string(), self.embed.to_f32(self.device())?)];
         for (i, b) in self.blocks.iter().enumerate() {
             let p = format!("model.layers.{i}");
             v.push((format!("{p}.input_layernorm.weight"), b.input_norm.clone()));
@@ -159,7 +173,7 @@ impl LlamaModel {
         }
         v.push(("model.norm.weight".to_string(), self.norm.clone()));
         if let Some(h) = &self.lm_head {
-            v.push(("lm_head.weight".to_string(), h.clone()));
+            v.push(("lm_head.weight".to_string(), h.to_f32(self.device())?));
         }
         Ok(v)
     }
@@ -189,7 +203,11 @@ impl LlamaModel {
             );
         }
         let (hq, hkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
-        let mut x = self.embed.embedding(&ids.flatten_all()?)?.reshape((b, t, self.cfg.hidden_size))?;
+        let mut x = self.embed.embedding(&ids.flatten_all()?)?.to_device(self.device())?.reshape((
+            b,
+            t,
+            self.cfg.hidden_size,
+        ))?;
         let (cos, sin) = self.rope_tables(offset, t)?;
         let mask = ops::attention_mask(key_mask, b, t, offset + t, true, offset, self.device())?;
         if let Some(c) = cache.as_deref_mut()

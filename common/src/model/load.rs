@@ -1,5 +1,8 @@
 //! Loading pretrained models from a local Hugging Face folder (`config.json`, `*.safetensors`,
-//! `tokenizer.json`) or a GGUF file (dequantized to f32, tokenizer from the metadata).
+//! `tokenizer.json`) or a GGUF file (tokenizer from the metadata).
+//!
+//! The frozen matrices keep the checkpoint's precision (bf16/f16 safetensors stay bf16/f16, GGUF block formats
+//! stay quantized; see [`crate::frozen`]) unless [`LoadOptions::dtype`] asks for another format.
 //!
 //! GGUF llama checkpoints store Q and K with their rows permuted for llama.cpp's interleaved RoPE; they are
 //! un-permuted here to the Hugging Face layout, so one RoPE ([`crate::ops::rope`]) serves every model and an
@@ -14,8 +17,9 @@ use serde::Serialize;
 use super::bert::{HEAD_BIAS, HEAD_WEIGHT};
 use super::config::{ArchConfig, LlamaConfig};
 use super::tokenizer::TextTokenizer;
-use super::weights::WeightMap;
+use super::weights::{StoredTensor, WeightMap};
 use super::{BertClassifier, BertModel, LlamaModel, Model};
+use crate::frozen::{QuantKind, QuantMatrix, WeightDtype};
 use crate::tensors::file_sha256;
 use crate::{Error, Result};
 
@@ -25,7 +29,7 @@ use crate::{Error, Result};
 pub enum ModelFormat {
     /// A Hugging Face folder with safetensors weights.
     HfFolder,
-    /// A GGUF file (dequantized on load).
+    /// A GGUF file.
     Gguf,
 }
 
@@ -38,11 +42,13 @@ pub struct LoadOptions {
     pub head_seed: u64,
     /// A `tokenizer.json` to use instead of the model's own.
     pub tokenizer: Option<PathBuf>,
+    /// The format of the frozen matrices (`--dtype`): as stored (`auto`), or converted.
+    pub dtype: WeightDtype,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { num_labels: 2, head_seed: 0, tokenizer: None }
+        Self { num_labels: 2, head_seed: 0, tokenizer: None, dtype: WeightDtype::Auto }
     }
 }
 
@@ -108,10 +114,11 @@ pub fn model_weight_files(path: &Path) -> Result<Vec<PathBuf>> {
 /// `.gguf` file. Llama-family configs give a causal LM; BERT configs a sequence classifier.
 pub fn load_model(path: &Path, device: &Device, opts: &LoadOptions) -> Result<LoadedModel> {
     let (format, file) = resolve(path)?;
-    let (arch, mut weights, mut tokenizer, weight_files) = match format {
-        ModelFormat::HfFolder => load_hf(path, device)?,
-        ModelFormat::Gguf => load_gguf(&file, device)?,
+    let (arch, weights, mut tokenizer, weight_files) = match format {
+        ModelFormat::HfFolder => load_hf(path)?,
+        ModelFormat::Gguf => load_gguf(&file)?,
     };
+    let mut weights = weights.with_target(opts.dtype).on_device(device);
     if let Some(t) = &opts.tokenizer {
         let dir = t.parent().unwrap_or(Path::new("."));
         tokenizer = if t.file_name().is_some_and(|n| n == "tokenizer.json") {
@@ -185,7 +192,7 @@ fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
 
 type Loaded = (ArchConfig, WeightMap, TextTokenizer, Vec<PathBuf>);
 
-fn load_hf(dir: &Path, device: &Device) -> Result<Loaded> {
+fn load_hf(dir: &Path) -> Result<Loaded> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let arch = ArchConfig::from_hf_json(&text).map_err(|e| Error::Model(format!("{}: {e}", cfg_path.display())))?;
@@ -199,8 +206,9 @@ fn load_hf(dir: &Path, device: &Device) -> Result<Loaded> {
     }
     let mut tensors = HashMap::new();
     for f in &files {
-        let part =
-            candle_core::safetensors::load(f, device).map_err(|e| Error::Model(format!("{}: {e}", f.display())))?;
+        // On the CPU in the stored dtype; the model's device and format are applied as each tensor is taken.
+        let part = candle_core::safetensors::load(f, &Device::Cpu)
+            .map_err(|e| Error::Model(format!("{}: {e}", f.display())))?;
         tensors.extend(part);
     }
     let tokenizer = TextTokenizer::from_hf_dir(dir)?;
@@ -329,9 +337,143 @@ fn hf_name(gguf: &str) -> Option<String> {
     })
 }
 
-fn load_gguf(file: &Path, device: &Device) -> Result<Loaded> {
+/// GGUF tensor types by their number in the file format (ggml.h), for error messages.
+fn ggml_type_name(t: u32) -> &'static str {
+    match t {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        6 => "Q5_0",
+        7 => "Q5_1",
+        8 => "Q8_0",
+        9 => "Q8_1",
+        10 => "Q2_K",
+        11 => "Q3_K",
+        12 => "Q4_K",
+        13 => "Q5_K",
+        14 => "Q6_K",
+        15 => "Q8_K",
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        30 => "BF16",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => "unknown",
+    }
+}
+
+/// The GGUF tensor types fedsb reads, as error messages list them.
+pub fn supported_gguf_types() -> String {
+    let mut v = vec!["F32".to_string(), "F16".into(), "BF16".into()];
+    v.extend(QuantKind::ALL.iter().map(|k| k.name().to_uppercase()));
+    v.join(", ")
+}
+
+/// Reads a GGUF header, turning candle's "unknown dtype" into an error that names the type and lists the
+/// supported ones.
+fn read_gguf(file: &Path, f: &mut std::fs::File) -> Result<gguf_file::Content> {
+    gguf_file::Content::read(f).map_err(|e| {
+        let msg = e.to_string();
+        match msg.split("unknown dtype for tensor ").nth(1).and_then(|n| n.trim().parse::<u32>().ok()) {
+            Some(t) => Error::Model(format!(
+                "{}: GGUF tensor type {} ({t}) is not supported (supported: {})",
+                file.display(),
+                ggml_type_name(t),
+                supported_gguf_types()
+            )),
+            None => Error::Model(format!("{}: {msg}", file.display())),
+        }
+    })
+}
+
+/// The row order that undoes llama.cpp's Q/K permutation for `heads` heads (see [`unpermute_qk`]): row `i` of
+/// the result is row `perm[i]` of the GGUF tensor.
+fn unpermute_rows(rows: usize, heads: usize) -> Result<Vec<usize>> {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
+        return Err(Error::tensor("attn_q/attn_k", format!("{rows} rows cannot be split into {heads} heads of pairs")));
+    }
+    let hd = rows / heads;
+    let mut perm = Vec::with_capacity(rows);
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..hd / 2 {
+                perm.push(h * hd + 2 * i + j);
+            }
+        }
+    }
+    Ok(perm)
+}
+
+/// One GGUF tensor as stored: float tensors as candle tensors (f32, f16, bf16), block formats as
+/// [`QuantMatrix`] read straight from the file (no dequantization).
+fn read_gguf_tensor(
+    f: &mut std::fs::File,
+    ct: &gguf_file::Content,
+    name: &str,
+    info: &gguf_file::TensorInfo,
+) -> Result<StoredTensor> {
+    use candle_core::quantized::GgmlDType;
+    use std::io::{Read, Seek, SeekFrom};
+    let dims = info.shape.dims().to_vec();
+    match info.ggml_dtype {
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+            let q = ct.tensor(f, name, &Device::Cpu)?;
+            let t = match info.ggml_dtype {
+                GgmlDType::F32 => q.dequantize(&Device::Cpu)?,
+                GgmlDType::F16 => q.dequantize_f16(&Device::Cpu)?,
+                _ => q.dequantize(&Device::Cpu)?.to_dtype(candle_core::DType::BF16)?,
+            };
+            Ok(StoredTensor::Dense(t))
+        }
+        t => {
+            let kind = QuantKind::from_ggml(t).ok_or_else(|| {
+                Error::tensor(
+                    name,
+                    format!("GGUF tensor type {t:?} is not supported (supported: {})", supported_gguf_types()),
+                )
+            })?;
+            let (rows, cols) = match dims.as_slice() {
+                [c] => (1, *c),
+                [r, c] => (*r, *c),
+                d => {
+                    return Err(Error::tensor(
+                        name,
+                        format!("a {kind:?} tensor of shape {d:?}: only 1-D and 2-D are read"),
+                    ));
+                }
+            };
+            let bytes = rows * cols / kind.block_size() * kind.block_bytes();
+            let mut buf = vec![0u8; bytes];
+            f.seek(SeekFrom::Start(ct.tensor_data_offset + info.offset))
+                .map_err(|e| Error::tensor(name, e.to_string()))?;
+            f.read_exact(&mut buf).map_err(|e| Error::tensor(name, format!("reading {bytes} bytes: {e}")))?;
+            let q = QuantMatrix::from_bytes(kind, rows, cols, &buf).map_err(|e| Error::tensor(name, e.to_string()))?;
+            if dims.len() == 1 {
+                // A quantized vector (a norm or bias in some files): f32 like every vector.
+                return Ok(StoredTensor::Dense(Tensor::from_vec(q.dequantize(), cols, &Device::Cpu)?));
+            }
+            Ok(StoredTensor::Quant(q))
+        }
+    }
+}
+
+fn load_gguf(file: &Path) -> Result<Loaded> {
     let mut f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
-    let ct = gguf_file::Content::read(&mut f).map_err(|e| Error::Model(format!("{}: {e}", file.display())))?;
+    let ct = read_gguf(file, &mut f)?;
     let cfg = llama_config_from_gguf(&ct).map_err(|e| Error::Model(format!("{}: {e}", file.display())))?;
     let permuted = matches!(cfg.model_type.as_str(), "llama" | "mistral");
     let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
@@ -342,19 +484,28 @@ fn load_gguf(file: &Path, device: &Device) -> Result<Loaded> {
             tracing::debug!("GGUF tensor {name} not used");
             continue;
         };
-        let q = ct
-            .tensor(&mut f, name, device)
-            .map_err(|e| Error::Model(format!("{}: tensor {name}: {e}", file.display())))?;
-        let mut t = q.dequantize(device)?;
-        if permuted && name.contains(".attn_q.") {
-            t = unpermute_qk(&t, cfg.num_attention_heads)?;
-        } else if permuted && name.contains(".attn_k.") {
-            t = unpermute_qk(&t, cfg.num_key_value_heads)?;
+        let info = &ct.tensor_infos[name];
+        let mut t =
+            read_gguf_tensor(&mut f, &ct, name, info).map_err(|e| Error::Model(format!("{}: {e}", file.display())))?;
+        let heads = if !permuted {
+            None
+        } else if name.contains(".attn_q.") {
+            Some(cfg.num_attention_heads)
+        } else if name.contains(".attn_k.") {
+            Some(cfg.num_key_value_heads)
+        } else {
+            None
+        };
+        if let Some(heads) = heads {
+            t = match t {
+                StoredTensor::Dense(d) => StoredTensor::Dense(unpermute_qk(&d, heads)?),
+                StoredTensor::Quant(q) => StoredTensor::Quant(q.permute_rows(&unpermute_rows(q.dims().0, heads)?)?),
+            };
         }
         tensors.insert(hf, t);
     }
     let tokenizer = TextTokenizer::from_gguf(&ct)?;
-    Ok((ArchConfig::Llama(cfg), WeightMap::new(tensors)?, tokenizer, vec![file.to_path_buf()]))
+    Ok((ArchConfig::Llama(cfg), WeightMap::from_stored(tensors), tokenizer, vec![file.to_path_buf()]))
 }
 
 #[cfg(test)]
@@ -378,6 +529,11 @@ mod tests {
             .unwrap();
         let back = unpermute_qk(&permuted, heads).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+        // The row order used for quantized tensors is the same permutation.
+        let perm = unpermute_rows(heads * hd, heads).unwrap();
+        let rows: Vec<Vec<f32>> = permuted.to_vec2().unwrap();
+        let by_perm: Vec<Vec<f32>> = perm.iter().map(|&p| rows[p].clone()).collect();
+        assert_eq!(by_perm, w.to_vec2::<f32>().unwrap());
         assert!(unpermute_qk(&w, 5).is_err());
     }
 

@@ -8,6 +8,7 @@ pub mod config;
 pub mod llama;
 pub mod load;
 mod spm;
+pub mod synthetic;
 pub mod testing;
 pub mod tokenizer;
 pub mod weights;
@@ -57,6 +58,14 @@ impl Model {
         match self {
             Model::CausalLm(m) => m.device(),
             Model::Classifier(m) => m.encoder.device(),
+        }
+    }
+
+    /// Bytes of the frozen matrices (linear weights, embeddings, LM head) by format.
+    pub fn weight_bytes(&self) -> crate::frozen::WeightBytes {
+        match self {
+            Model::CausalLm(m) => m.weight_bytes(),
+            Model::Classifier(m) => m.encoder.weight_bytes(),
         }
     }
 
@@ -184,7 +193,7 @@ impl Model {
                 .position(|n| n == module)
                 .ok_or_else(|| crate::Error::tensor(module, "a base delta for a module this model does not have"))?;
             let l = &self.linears()[i];
-            if l.weight_var().is_some() {
+            if l.tracks_weight_grad() {
                 return Err(crate::Error::tensor(module, "cannot fold into W0 while its gradient is tracked"));
             }
             if d.dims() != [l.dims().0, l.dims().1] {

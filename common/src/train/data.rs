@@ -264,21 +264,24 @@ impl<'a> Encoder<'a> {
                 Ok(Encoded { ids, type_ids, target: Target::Class(*label as u32) })
             }
             (TaskKind::CausalLm, Example::Instruction { prompt, response, .. }) => {
-                let p = self.tokenizer.encode(&self.prompt_text(prompt)?, false)?;
-                let r = self.tokenizer.encode(&self.response_text(prompt, response)?, false)?;
-                if p.len() + 1 >= self.max_len {
+                // Prompt and response are tokenized as one text (a SentencePiece tokenizer would otherwise give
+                // the response its own leading space, a token the model never sees there at inference), and the
+                // loss starts where the prompt's own tokens end.
+                let prompt_text = self.prompt_text(prompt)?;
+                let p = self.tokenizer.encode(&prompt_text, false)?;
+                let full = format!("{prompt_text}{}", self.response_text(prompt, response)?);
+                let mut ids = self.tokenizer.encode(&full, false)?;
+                let split = p.iter().zip(&ids).take_while(|(a, b)| a == b).count();
+                if split + 1 >= self.max_len {
                     return Err(Error::Data(format!(
                         "a prompt of {} tokens leaves no room for a response within max_len {}",
-                        p.len(),
-                        self.max_len
+                        split, self.max_len
                     )));
                 }
-                let mut ids = p.clone();
-                ids.extend(&r);
                 ids.truncate(self.max_len);
                 let n = ids.len();
                 let mut labels = vec![IGNORE; n];
-                for i in p.len().saturating_sub(1)..n - 1 {
+                for i in split.saturating_sub(1)..n - 1 {
                     labels[i] = ids[i + 1] as i64;
                 }
                 Ok(Encoded { ids, type_ids: vec![0; n], target: Target::NextTokens(labels) })
