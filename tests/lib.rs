@@ -70,3 +70,51 @@ pub fn tempdir() -> tempfile::TempDir {
 pub fn exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// Writes a copy of the GGUF file `src` to `dst` with every tensor re-encoded in the type `choose(name, shape)`
+/// returns (from its values as stored: a real checkpoint in another GGUF format), metadata unchanged.
+pub fn rewrite_gguf(
+    src: &Path,
+    dst: &Path,
+    choose: impl Fn(&str, &[usize]) -> candle_core::quantized::GgmlDType,
+) -> candle_core::Result<()> {
+    use candle_core::quantized::{QTensor, gguf_file};
+    let mut f = std::fs::File::open(src)?;
+    let ct = gguf_file::Content::read(&mut f)?;
+    let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
+    names.sort();
+    let mut tensors = Vec::new();
+    for name in names {
+        let t = ct.tensor(&mut f, name, &candle_core::Device::Cpu)?.dequantize(&candle_core::Device::Cpu)?;
+        let q = QTensor::quantize(&t, choose(name, t.dims()))?;
+        tensors.push((name.clone(), q));
+    }
+    let md: Vec<(&str, &gguf_file::Value)> = ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tv: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (n.as_str(), q)).collect();
+    let mut out = std::fs::File::create(dst)?;
+    gguf_file::write(&mut out, &md, &tv)
+}
+
+/// Writes a copy of the Hugging Face folder `src` into `dst` with every float tensor of its safetensors in
+/// `dtype` (a real checkpoint as bf16 or f16), the other files copied.
+pub fn rewrite_hf_folder(src: &Path, dst: &Path, dtype: candle_core::DType) -> candle_core::Result<()> {
+    std::fs::create_dir_all(dst)?;
+    for e in std::fs::read_dir(src)? {
+        let p = e?.path();
+        let name = p.file_name().expect("a file name").to_owned();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            let ts = candle_core::safetensors::load(&p, &candle_core::Device::Cpu)?;
+            let conv: std::collections::HashMap<String, candle_core::Tensor> = ts
+                .into_iter()
+                .map(|(k, t)| {
+                    let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t };
+                    Ok((k, t))
+                })
+                .collect::<candle_core::Result<_>>()?;
+            candle_core::safetensors::save(&conv, dst.join(name))?;
+        } else if p.is_file() {
+            std::fs::copy(&p, dst.join(name))?;
+        }
+    }
+    Ok(())
+}

@@ -52,6 +52,12 @@ const SMOL_REF: &[(&str, &[u32], f64)] = &[
 const SANITY_TEXT: &str = "To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer The slings and arrows of outrageous fortune, Or to take arms against a sea of troubles";
 const SANITY_NLL: f64 = 3.701553;
 
+/// These tests compare with references to f32 precision: products with compact (quantized) weights run in f32
+/// here whatever the CPU's bf16 units (`tests/compact_weights.rs` covers bf16 products).
+fn exact_f32_products() {
+    fedsb_common::frozen::set_compute_dtype(fedsb_common::frozen::ComputeDtype::F32).unwrap();
+}
+
 fn mean_nll(model: &Model, ids: &[u32]) -> f64 {
     let Model::CausalLm(lm) = model else { panic!("causal LM expected") };
     let x = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
@@ -64,6 +70,7 @@ fn mean_nll(model: &Model, ids: &[u32]) -> f64 {
 #[test]
 fn minilm_matches_transformers_and_candle_bert() {
     let Some(a) = assets() else { return };
+    exact_f32_products();
     let dev = Device::Cpu;
     let loaded = load_model(&a.minilm(), &dev, &LoadOptions::default()).unwrap();
     let Model::Classifier(clf) = &loaded.model else { panic!("BERT should load as a classifier") };
@@ -119,6 +126,7 @@ fn minilm_matches_transformers_and_candle_bert() {
 #[test]
 fn smollm2_gguf_matches_quantized_llama_and_transformers() {
     let Some(a) = assets() else { return };
+    exact_f32_products();
     let dev = Device::Cpu;
     let loaded = load_model(&a.smollm_gguf(), &dev, &LoadOptions::default()).unwrap();
     for (text, ref_ids, ref_nll) in SMOL_REF {
@@ -157,6 +165,7 @@ fn smollm2_gguf_matches_quantized_llama_and_transformers() {
 #[test]
 fn smollm2_chat_template_and_gguf_to_hf_roundtrip() {
     let Some(a) = assets() else { return };
+    exact_f32_products();
     let dev = Device::Cpu;
     let loaded = load_model(&a.smollm_gguf(), &dev, &LoadOptions::default()).unwrap();
     let msgs = [ChatMessage { role: "user".into(), content: "What is 2+2?".into() }];

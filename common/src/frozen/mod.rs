@@ -373,9 +373,30 @@ pub fn set_compute_dtype(c: ComputeDtype) -> Result<()> {
     Ok(())
 }
 
-/// The process's [`ComputeDtype`] (from `FEDSB_COMPUTE_DTYPE` unless set; `auto` by default).
+thread_local! {
+    static COMPUTE_HERE: std::cell::Cell<Option<ComputeDtype>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with products on this thread computing in `c` (the choice is made on the calling thread of each
+/// product, so the threads it spreads over follow): for comparing the modes in one process.
+pub fn with_compute_dtype<R>(c: ComputeDtype, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<ComputeDtype>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            COMPUTE_HERE.with(|h| h.set(self.0));
+        }
+    }
+    let _restore = Restore(COMPUTE_HERE.with(|h| h.replace(Some(c))));
+    f()
+}
+
+/// The [`ComputeDtype`] in force on this thread: [`with_compute_dtype`]'s, else the process's (from
+/// `FEDSB_COMPUTE_DTYPE` unless set; `auto` by default).
 pub fn compute_dtype() -> ComputeDtype {
     use std::sync::atomic::Ordering;
+    if let Some(c) = COMPUTE_HERE.with(|h| h.get()) {
+        return c;
+    }
     match COMPUTE.load(Ordering::Relaxed) {
         0 => ComputeDtype::Auto,
         1 => ComputeDtype::F32,

@@ -388,7 +388,11 @@ pub fn supported_gguf_types() -> String {
 fn read_gguf(file: &Path, f: &mut std::fs::File) -> Result<gguf_file::Content> {
     gguf_file::Content::read(f).map_err(|e| {
         let msg = e.to_string();
-        match msg.split("unknown dtype for tensor ").nth(1).and_then(|n| n.trim().parse::<u32>().ok()) {
+        let number = msg
+            .split("unknown dtype for tensor ")
+            .nth(1)
+            .map(|n| n.chars().take_while(char::is_ascii_digit).collect::<String>());
+        match number.and_then(|n| n.parse::<u32>().ok()) {
             Some(t) => Error::Model(format!(
                 "{}: GGUF tensor type {} ({t}) is not supported (supported: {})",
                 file.display(),
@@ -543,6 +547,38 @@ mod tests {
         assert_eq!(hf_name("blk.0.ffn_down.weight").unwrap(), "model.layers.0.mlp.down_proj.weight");
         assert_eq!(hf_name("blk.1.attn_k.bias").unwrap(), "model.layers.1.self_attn.k_proj.bias");
         assert!(hf_name("rope_freqs.weight").is_none());
+    }
+
+    /// A tensor type candle cannot even parse (an i-quant) is refused by name with the supported list; one it
+    /// parses but fedsb does not keep (Q8_1) too.
+    #[test]
+    fn unsupported_gguf_types_are_refused_by_name() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.gguf");
+        let x = Tensor::zeros((2, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&x, GgmlDType::F32).unwrap();
+        let mut out = std::fs::File::create(&path).unwrap();
+        gguf_file::write(&mut out, &[], &[("x", &q)]).unwrap();
+        drop(out);
+        // Header (24 bytes), then the tensor info: name (u64 length + 1 byte), u32 dims, 2 × u64 dims, u32 type.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = 24 + 8 + 1 + 4 + 16;
+        assert_eq!(u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()), 0, "F32 where expected");
+        bytes[at..at + 4].copy_from_slice(&16u32.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let mut f = std::fs::File::open(&path).unwrap();
+        let e = read_gguf(&path, &mut f).unwrap_err().to_string();
+        assert!(e.contains("IQ2_XXS") && e.contains("Q4_K") && e.contains("BF16"), "{e}");
+        // Q8_1: parsed by candle, not a format fedsb keeps.
+        let q = QTensor::quantize(&x, GgmlDType::Q8_1).unwrap();
+        let mut out = std::fs::File::create(&path).unwrap();
+        gguf_file::write(&mut out, &[], &[("x", &q)]).unwrap();
+        drop(out);
+        let mut f = std::fs::File::open(&path).unwrap();
+        let ct = read_gguf(&path, &mut f).unwrap();
+        let e = read_gguf_tensor(&mut f, &ct, "x", &ct.tensor_infos["x"]).unwrap_err().to_string();
+        assert!(e.contains("Q8_1") && e.contains("Q6_K"), "{e}");
     }
 
     #[test]
