@@ -217,7 +217,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// Scaled dot-product attention. `q` is `[b, h, t, d]`, `k`/`v` are `[b, h_kv, s, d]` (grouped-query
 /// attention when `h_kv < h`); `mask` is additive, broadcastable to `[b, h, t, s]`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
-    let (b, h, t, d) = q.dims4()?;
+    let (b, h, t, _) = q.dims4()?;
     let (_, h_kv, s, _) = k.dims4()?;
     if h % h_kv != 0 {
         return Err(crate::Error::Model(format!("{h} query heads are not a multiple of {h_kv} kv heads")));
@@ -227,11 +227,51 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scal
     {
         return Ok(crate::kernels::attention(q, k, v, mask, scale)?);
     }
+    attention_composite(q, k, v, mask, scale, None)
+}
+
+/// Scaled dot-product attention with Gemma-2's logit soft-capping: the scaled scores become
+/// `cap·tanh(scores/cap)` before the mask is added and the softmax taken. Shapes as in [`attention`]. Always the
+/// differentiable composite (the fused attention kernel has no soft-capping).
+pub fn attention_softcapped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    cap: f64,
+) -> Result<Tensor> {
+    let (_, h, _, _) = q.dims4()?;
+    let (_, h_kv, _, _) = k.dims4()?;
+    if h_kv == 0 || h % h_kv != 0 {
+        return Err(crate::Error::Model(format!("{h} query heads are not a multiple of {h_kv} kv heads")));
+    }
+    if !(cap.is_finite() && cap > 0.0) {
+        return Err(crate::Error::Model(format!("attention soft-cap {cap} must be positive")));
+    }
+    attention_composite(q, k, v, mask, scale, Some(cap))
+}
+
+/// The composite attention of [`attention`] and [`attention_softcapped`].
+fn attention_composite(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let (_, h_kv, s, _) = k.dims4()?;
     let groups = h / h_kv;
     // Grouped-query attention: fold the query heads of one kv head into the sequence axis, so no copy of
     // k and v is needed.
     let q = q.reshape((b, h_kv, groups * t, d))?;
     let scores = (q.matmul(&k.t()?)? * scale)?; // [b, h_kv, groups*t, s]
+    let scores = match softcap {
+        Some(cap) => self::softcap(&scores, cap)?,
+        None => scores,
+    };
     let scores = match mask {
         Some(m) => {
             let scores = scores.reshape((b, h, t, s))?;
@@ -242,6 +282,17 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scal
     let probs = softmax_last_dim(&scores)?;
     let out = probs.matmul(&v.contiguous()?)?; // [b, h_kv, groups*t, d]
     Ok(out.reshape((b, h, t, d))?)
+}
+
+/// Soft-capping `cap·tanh(x/cap)` (Gemma-2's attention and final logits): differentiable, bounded by `±cap`.
+pub fn softcap(x: &Tensor, cap: f64) -> Result<Tensor> {
+    Ok(((x / cap)?.tanh()? * cap)?)
+}
+
+/// GeGLU's gate: `gelu_tanh(gate) · up`, with the tanh approximation of GELU (`gelu_pytorch_tanh`, Gemma-2).
+/// candle's `Tensor::gelu` is that approximation and has a backward.
+pub fn gelu_tanh_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok((gate.gelu()? * up)?)
 }
 
 /// Scaled dot-product attention on the projections' layout: `q` `[b, t, h, d]`, `k`/`v` `[b, s, h_kv, d]`,
@@ -274,6 +325,38 @@ pub fn attention_mask(
     if key_mask.is_none() && !causal {
         return Ok(None);
     }
+    Ok(Some(build_mask(key_mask, b, t, s, causal, offset, None, device)?))
+}
+
+/// A causal sliding-window mask `[b, 1, t, s]` (Gemma-2's local layers): query `i` at absolute position
+/// `p = offset + i` sees keys `j` with `p − window < j ≤ p` (Hugging Face's `kv_idx > q_idx − sliding_window`,
+/// llama.cpp's standard SWA), and no padding key of `key_mask` `[b, s]`.
+pub fn sliding_window_mask(
+    key_mask: Option<&Tensor>,
+    b: usize,
+    t: usize,
+    s: usize,
+    offset: usize,
+    window: usize,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    if window == 0 {
+        return Err(crate::Error::Model("sliding window must be positive".into()));
+    }
+    build_mask(key_mask, b, t, s, true, offset, Some(window), device)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_mask(
+    key_mask: Option<&Tensor>,
+    b: usize,
+    t: usize,
+    s: usize,
+    causal: bool,
+    offset: usize,
+    window: Option<usize>,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
     let keys: Option<Vec<Vec<f32>>> = match key_mask {
         Some(m) => Some(m.to_dtype(DType::F32)?.to_vec2::<f32>()?),
         None => None,
@@ -284,14 +367,15 @@ pub fn attention_mask(
             let row = &mut data[(bi * t + i) * s..(bi * t + i + 1) * s];
             for (j, v) in row.iter_mut().enumerate() {
                 let masked_causal = causal && j > offset + i;
+                let masked_window = window.is_some_and(|w| j + w <= offset + i);
                 let masked_pad = keys.as_ref().is_some_and(|k| k[bi][j] == 0.0);
-                if masked_causal || masked_pad {
+                if masked_causal || masked_window || masked_pad {
                     *v = MASK_VALUE;
                 }
             }
         }
     }
-    Ok(Some(Tensor::from_vec(data, (b, 1, t, s), device)?))
+    Ok(Tensor::from_vec(data, (b, 1, t, s), device)?)
 }
 
 #[cfg(test)]

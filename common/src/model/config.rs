@@ -1,12 +1,13 @@
 //! Model configurations, read from a Hugging Face `config.json` or from GGUF metadata.
 use serde::{Deserialize, Serialize};
 
+use super::gemma::{GEMMA2, Gemma2Params};
 use crate::{Error, Result};
 
-/// Configuration of a Llama-architecture causal LM (Llama 2/3, Mistral, Qwen2, SmolLM2).
+/// Configuration of a Llama-architecture causal LM (Llama 2/3, Mistral, Qwen2, SmolLM2, Gemma-2).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
-    /// `model_type` of config.json (`llama`, `mistral`, `qwen2`).
+    /// `model_type` of config.json (`llama`, `mistral`, `qwen2`, `gemma2`).
     pub model_type: String,
     /// Vocabulary size.
     pub vocab_size: usize,
@@ -40,6 +41,9 @@ pub struct LlamaConfig {
     pub eos_token_ids: Vec<u32>,
     /// Padding token id.
     pub pad_token_id: Option<u32>,
+    /// Gemma-2's extras (norms, GeGLU, soft-capping, sliding window); `None` for the other families.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gemma2: Option<Gemma2Params>,
 }
 
 /// Llama 3.1+ RoPE scaling (`rope_scaling.rope_type == "llama3"`).
@@ -117,10 +121,12 @@ impl ArchConfig {
             serde_json::from_str(text).map_err(|e| Error::Json { context: "config.json".into(), source: e })?;
         let model_type = get(&v, "model_type").and_then(|x| x.as_str()).unwrap_or("").to_string();
         match model_type.as_str() {
-            "llama" | "mistral" | "qwen2" => Ok(ArchConfig::Llama(LlamaConfig::from_hf_value(&v, &model_type)?)),
+            "llama" | "mistral" | "qwen2" | GEMMA2 => {
+                Ok(ArchConfig::Llama(LlamaConfig::from_hf_value(&v, &model_type)?))
+            }
             "bert" => Ok(ArchConfig::Bert(BertConfig::from_hf_value(&v)?)),
             other => Err(Error::Model(format!(
-                "config.json: model_type `{other}` is not supported (supported: llama, mistral, qwen2, bert)"
+                "config.json: model_type `{other}` is not supported (supported: llama, mistral, qwen2, gemma2, bert)"
             ))),
         }
     }
@@ -137,10 +143,11 @@ impl LlamaConfig {
                 "config.json: hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}"
             )));
         }
-        let head_dim = get(v, "head_dim")
-            .and_then(|x| x.as_u64())
-            .map(|x| x as usize)
-            .unwrap_or(hidden_size / num_attention_heads);
+        // Gemma-2 (Hugging Face's `Gemma2Config` defaults): head_dim 256, tied embeddings, 8192 positions, and
+        // bos 2 / eos 1 / pad 0 when the keys are absent.
+        let gemma = model_type == GEMMA2;
+        let head_dim_default = if gemma { 256 } else { hidden_size / num_attention_heads };
+        let head_dim = get(v, "head_dim").and_then(|x| x.as_u64()).map(|x| x as usize).unwrap_or(head_dim_default);
         let rope_params = get(v, "rope_scaling").or_else(|| get(v, "rope_parameters"));
         let rope_scaling = match rope_params {
             Some(rs) => {
@@ -167,12 +174,19 @@ impl LlamaConfig {
             .and_then(|x| x.as_f64())
             .or_else(|| rope_params.and_then(|r| get(r, "rope_theta")).and_then(|x| x.as_f64()))
             .unwrap_or(10_000.0);
+        let num_hidden_layers = req_usize(v, "num_hidden_layers")?;
+        let (positions, tied) = if gemma { (8192, true) } else { (4096, false) };
+        let token_ids_or = |k: &str, gemma_default: u32| match token_ids(get(v, k)) {
+            ids if ids.is_empty() && gemma && v.get(k).is_none() => vec![gemma_default],
+            ids => ids,
+        };
+        let gemma2 = if gemma { Some(Gemma2Params::from_hf_value(v, num_hidden_layers)?) } else { None };
         let cfg = Self {
             model_type: model_type.to_string(),
             vocab_size: req_usize(v, "vocab_size")?,
             hidden_size,
             intermediate_size: req_usize(v, "intermediate_size")?,
-            num_hidden_layers: req_usize(v, "num_hidden_layers")?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads: get(v, "num_key_value_heads")
                 .and_then(|x| x.as_u64())
@@ -182,13 +196,14 @@ impl LlamaConfig {
             rms_norm_eps: opt_f64(v, "rms_norm_eps", 1e-6),
             rope_theta,
             rope_scaling,
-            max_position_embeddings: get(v, "max_position_embeddings").and_then(|x| x.as_u64()).unwrap_or(4096)
+            max_position_embeddings: get(v, "max_position_embeddings").and_then(|x| x.as_u64()).unwrap_or(positions)
                 as usize,
-            tie_word_embeddings: get(v, "tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(false),
+            tie_word_embeddings: get(v, "tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(tied),
             attention_bias: get(v, "attention_bias").and_then(|x| x.as_bool()).unwrap_or(model_type == "qwen2"),
-            bos_token_id: token_ids(get(v, "bos_token_id")).first().copied(),
-            eos_token_ids: token_ids(get(v, "eos_token_id")),
-            pad_token_id: token_ids(get(v, "pad_token_id")).first().copied(),
+            bos_token_id: token_ids_or("bos_token_id", 2).first().copied(),
+            eos_token_ids: token_ids_or("eos_token_id", 1),
+            pad_token_id: token_ids_or("pad_token_id", 0).first().copied(),
+            gemma2,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -207,6 +222,9 @@ impl LlamaConfig {
         }
         if self.vocab_size == 0 || self.hidden_size == 0 || self.num_hidden_layers == 0 {
             return Err(Error::Model("vocab_size, hidden_size and num_hidden_layers must be positive".into()));
+        }
+        if let Some(g) = &self.gemma2 {
+            g.validate(self.num_hidden_layers)?;
         }
         Ok(())
     }
@@ -242,6 +260,9 @@ impl LlamaConfig {
             "pad_token_id": self.pad_token_id,
             "torch_dtype": "float32",
         });
+        if let Some(g) = &self.gemma2 {
+            g.write_hf_json(&mut v);
+        }
         if let Some(s) = &self.rope_scaling {
             v["rope_scaling"] = serde_json::json!({
                 "rope_type": "llama3",
@@ -274,6 +295,7 @@ impl LlamaConfig {
             bos_token_id: Some(1),
             eos_token_ids: vec![2],
             pad_token_id: Some(2),
+            gemma2: None,
         }
     }
 

@@ -1,4 +1,5 @@
-//! A Llama-architecture causal LM (Llama 2/3, Mistral, Qwen2, SmolLM2) whose linear layers take adapters.
+//! A Llama-architecture causal LM (Llama 2/3, Mistral, Qwen2, SmolLM2; Gemma-2 with the extras of
+//! [`super::gemma`]) whose linear layers take adapters.
 //!
 //! Ported from Hugging Face `modeling_llama.py` (and candle-transformers' `llama.rs`), with the
 //! differentiable ops of [`crate::ops`] so gradients reach every adapter. Module paths follow the
@@ -6,6 +7,7 @@
 use candle_core::{D, DType, Device, IndexOp, Tensor};
 
 use super::config::LlamaConfig;
+use super::gemma::{self, GemmaNorms};
 use super::weights::WeightMap;
 use crate::adapter::AdaptedLinear;
 use crate::frozen::{FrozenWeight, WeightBytes};
@@ -25,6 +27,8 @@ struct Block {
     gate: AdaptedLinear,
     up: AdaptedLinear,
     down: AdaptedLinear,
+    /// Gemma-2 only: the feed-forward norms (`post_norm` is then its post-attention norm).
+    gemma: Option<GemmaNorms>,
 }
 
 /// Keys and values of past positions, for incremental decoding.
@@ -69,6 +73,7 @@ impl LlamaModel {
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
         let (hq, hkv, hd, ff) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
         let embed = w.take_frozen("model.embed_tokens.weight", &[v, d])?;
+        let is_gemma = cfg.gemma2.is_some();
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -92,8 +97,9 @@ impl LlamaModel {
             let up = lin("mlp.up_proj", "up", ff, d, false)?;
             let down = lin("mlp.down_proj", "down", d, ff, false)?;
             blocks.push(Block {
-                input_norm: w.take(&format!("{p}.input_layernorm.weight"), &[d])?,
-                post_norm: w.take(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
+                input_norm: gemma::take_norm(w, &format!("{p}.input_layernorm.weight"), d, is_gemma)?,
+                post_norm: gemma::take_norm(w, &format!("{p}.post_attention_layernorm.weight"), d, is_gemma)?,
+                gemma: if is_gemma { Some(gemma::take_block_norms(w, &p, d)?) } else { None },
                 q,
                 k,
                 v: vv,
@@ -103,7 +109,7 @@ impl LlamaModel {
                 down,
             });
         }
-        let norm = w.take("model.norm.weight", &[d])?;
+        let norm = gemma::take_norm(w, "model.norm.weight", d, is_gemma)?;
         let lm_head = if w.contains("lm_head.weight") {
             Some(w.take_frozen("lm_head.weight", &[v, d])?)
         } else if cfg.tie_word_embeddings {
@@ -160,10 +166,17 @@ impl LlamaModel {
     /// Every base tensor with its Hugging Face name; linear weights have their adapter's `ΔW` merged in.
     pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
         let mut v = vec![("model.embed_tokens.weight".to_string(), self.embed.to_f32(self.device())?)];
+        // Gemma-2 norms are kept as the multiplier `1 + w`; Hugging Face stores `w`.
+        let is_gemma = self.cfg.gemma2.is_some();
+        let norm = |t: &Tensor| if is_gemma { gemma::norm_to_hf(t) } else { Ok(t.clone()) };
         for (i, b) in self.blocks.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            v.push((format!("{p}.input_layernorm.weight"), b.input_norm.clone()));
-            v.push((format!("{p}.post_attention_layernorm.weight"), b.post_norm.clone()));
+            v.push((format!("{p}.input_layernorm.weight"), norm(&b.input_norm)?));
+            v.push((format!("{p}.post_attention_layernorm.weight"), norm(&b.post_norm)?));
+            if let Some(g) = &b.gemma {
+                v.push((format!("{p}.pre_feedforward_layernorm.weight"), norm(&g.pre_ff)?));
+                v.push((format!("{p}.post_feedforward_layernorm.weight"), norm(&g.post_ff)?));
+            }
         }
         for l in self.linears() {
             v.push((format!("{}.weight", l.name()), l.merged_weight()?));
@@ -171,7 +184,7 @@ impl LlamaModel {
                 v.push((format!("{}.bias", l.name()), b.clone()));
             }
         }
-        v.push(("model.norm.weight".to_string(), self.norm.clone()));
+        v.push(("model.norm.weight".to_string(), norm(&self.norm)?));
         if let Some(h) = &self.lm_head {
             v.push(("lm_head.weight".to_string(), h.to_f32(self.device())?));
         }
@@ -210,12 +223,24 @@ impl LlamaModel {
         ))?;
         let (cos, sin) = self.rope_tables(offset, t)?;
         let mask = ops::attention_mask(key_mask, b, t, offset + t, true, offset, self.device())?;
+        // Gemma-2: scaled embeddings, a sliding-window mask for its local layers, soft-capped attention logits.
+        let gemma = self.cfg.gemma2.as_ref();
+        if gemma.is_some() {
+            x = (x * (self.cfg.hidden_size as f64).sqrt())?;
+        }
+        let window_mask = match gemma.and_then(|g| g.sliding_window) {
+            Some(w) if offset + t > w => {
+                Some(ops::sliding_window_mask(key_mask, b, t, offset + t, offset, w, self.device())?)
+            }
+            _ => None,
+        };
+        let softcap = gemma.and_then(|g| g.attn_logit_softcapping);
         if let Some(c) = cache.as_deref_mut()
             && c.layers.len() != self.blocks.len()
         {
             c.layers = vec![None; self.blocks.len()];
         }
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = self.cfg.attention_scale();
         for (i, blk) in self.blocks.iter().enumerate() {
             let h = ops::rms_norm(&x, &blk.input_norm, self.cfg.rms_norm_eps)?;
             let q = blk.q.forward(&h)?.reshape((b, t, hq, hd))?.transpose(1, 2)?;
@@ -235,8 +260,22 @@ impl LlamaModel {
                 }
                 None => (k, v),
             };
-            let a = ops::attention(&q, &k, &v, mask.as_ref(), scale)?;
+            let sliding = gemma.is_some_and(|g| g.sliding_layers.get(i).copied().unwrap_or(false));
+            let m = if sliding && window_mask.is_some() { window_mask.as_ref() } else { mask.as_ref() };
+            let a = match softcap {
+                Some(cap) => ops::attention_softcapped(&q, &k, &v, m, scale, cap)?,
+                None => ops::attention(&q, &k, &v, m, scale)?,
+            };
             let a = a.transpose(1, 2)?.reshape((b, t, hq * hd))?;
+            if let Some(g) = &blk.gemma {
+                // Gemma-2: norms on the attention and MLP outputs before the residual adds; GeGLU.
+                let eps = self.cfg.rms_norm_eps;
+                x = (x + ops::rms_norm(&blk.o.forward(&a)?, &blk.post_norm, eps)?)?;
+                let h = ops::rms_norm(&x, &g.pre_ff, eps)?;
+                let ff = ops::gelu_tanh_mul(&blk.gate.forward(&h)?, &blk.up.forward(&h)?)?;
+                x = (x + ops::rms_norm(&blk.down.forward(&ff)?, &g.post_ff, eps)?)?;
+                continue;
+            }
             x = (x + blk.o.forward(&a)?)?;
             let h = ops::rms_norm(&x, &blk.post_norm, self.cfg.rms_norm_eps)?;
             let ff = ops::silu_mul(&blk.gate.forward(&h)?, &blk.up.forward(&h)?)?;
@@ -248,9 +287,14 @@ impl LlamaModel {
         ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
     }
 
-    /// Logits `[..., vocab]` of hidden states `[..., hidden]` (the LM head is frozen).
+    /// Logits `[..., vocab]` of hidden states `[..., hidden]` (the LM head is frozen); Gemma-2's are
+    /// soft-capped here, so generation and the loss ([`Self::lm_token_nll`]) both see the capped logits.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        ops::linear(hidden, self.lm_head.as_ref().unwrap_or(&self.embed), None)
+        let logits = ops::linear(hidden, self.lm_head.as_ref().unwrap_or(&self.embed), None)?;
+        match self.cfg.gemma2.as_ref().and_then(|g| g.final_logit_softcapping) {
+            Some(cap) => ops::softcap(&logits, cap),
+            None => Ok(logits),
+        }
     }
 
     /// Logits for every position: `[b, t, vocab]`.
@@ -363,6 +407,9 @@ pub fn random_llama_weights(
         m.insert(format!("{p}.post_attention_layernorm.weight"), Tensor::ones(d, DType::F32, device)?);
     }
     m.insert("model.norm.weight".to_string(), Tensor::ones(d, DType::F32, device)?);
+    if cfg.gemma2.is_some() {
+        gemma::add_random_norms(cfg, &mut m, seed, device)?;
+    }
     if !cfg.tie_word_embeddings {
         m.insert("lm_head.weight".to_string(), randn(&[v, d])?);
     }

@@ -6,7 +6,8 @@
 //!
 //! GGUF llama checkpoints store Q and K with their rows permuted for llama.cpp's interleaved RoPE; they are
 //! un-permuted here to the Hugging Face layout, so one RoPE ([`crate::ops::rope`]) serves every model and an
-//! exported adapter applies to the Hugging Face weights of the same model.
+//! exported adapter applies to the Hugging Face weights of the same model. GGUF `gemma2` files are not permuted;
+//! their norms (stored as `w + 1`) are brought to the Hugging Face convention ([`super::gemma`]).
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -114,19 +115,23 @@ pub fn model_weight_files(path: &Path) -> Result<Vec<PathBuf>> {
 /// `.gguf` file. Llama-family configs give a causal LM; BERT configs a sequence classifier.
 pub fn load_model(path: &Path, device: &Device, opts: &LoadOptions) -> Result<LoadedModel> {
     let (format, file) = resolve(path)?;
-    let (arch, weights, mut tokenizer, weight_files) = match format {
+    let (arch, weights, own_tokenizer, weight_files) = match format {
         ModelFormat::HfFolder => load_hf(path)?,
         ModelFormat::Gguf => load_gguf(&file)?,
     };
     let mut weights = weights.with_target(opts.dtype).on_device(device);
-    if let Some(t) = &opts.tokenizer {
-        let dir = t.parent().unwrap_or(Path::new("."));
-        tokenizer = if t.file_name().is_some_and(|n| n == "tokenizer.json") {
-            TextTokenizer::from_hf_dir(dir)?
-        } else {
-            return Err(Error::Tokenizer(format!("{}: expected a path to a tokenizer.json", t.display())));
-        };
-    }
+    // The model's own tokenizer is needed only when none is given (a GGUF's may be of an unsupported kind).
+    let tokenizer = match &opts.tokenizer {
+        Some(t) => {
+            let dir = t.parent().unwrap_or(Path::new("."));
+            if t.file_name().is_some_and(|n| n == "tokenizer.json") {
+                TextTokenizer::from_hf_dir(dir)?
+            } else {
+                return Err(Error::Tokenizer(format!("{}: expected a path to a tokenizer.json", t.display())));
+            }
+        }
+        None => own_tokenizer?,
+    };
     let model = match &arch {
         ArchConfig::Llama(c) => Model::CausalLm(LlamaModel::load(c, &mut weights)?),
         ArchConfig::Bert(c) => {
@@ -190,7 +195,7 @@ fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
-type Loaded = (ArchConfig, WeightMap, TextTokenizer, Vec<PathBuf>);
+type Loaded = (ArchConfig, WeightMap, Result<TextTokenizer>, Vec<PathBuf>);
 
 fn load_hf(dir: &Path) -> Result<Loaded> {
     let cfg_path = dir.join("config.json");
@@ -211,11 +216,11 @@ fn load_hf(dir: &Path) -> Result<Loaded> {
             .map_err(|e| Error::Model(format!("{}: {e}", f.display())))?;
         tensors.extend(part);
     }
-    let tokenizer = TextTokenizer::from_hf_dir(dir)?;
+    let tokenizer = TextTokenizer::from_hf_dir(dir);
     Ok((arch, WeightMap::new(tensors)?, tokenizer, files))
 }
 
-fn md_u64(ct: &gguf_file::Content, key: &str) -> Option<u64> {
+pub(super) fn md_u64(ct: &gguf_file::Content, key: &str) -> Option<u64> {
     use gguf_file::Value as V;
     match ct.metadata.get(key)? {
         V::U8(v) => Some(*v as u64),
@@ -230,7 +235,7 @@ fn md_u64(ct: &gguf_file::Content, key: &str) -> Option<u64> {
     }
 }
 
-fn md_f64(ct: &gguf_file::Content, key: &str) -> Option<f64> {
+pub(super) fn md_f64(ct: &gguf_file::Content, key: &str) -> Option<f64> {
     use gguf_file::Value as V;
     match ct.metadata.get(key)? {
         V::F32(v) => Some(*v as f64),
@@ -247,8 +252,10 @@ pub fn llama_config_from_gguf(ct: &gguf_file::Content) -> Result<LlamaConfig> {
         .and_then(|v| v.to_string().ok())
         .cloned()
         .ok_or_else(|| Error::Model("GGUF metadata lacks general.architecture".into()))?;
-    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
-        return Err(Error::Model(format!("GGUF architecture `{arch}` is not supported (llama, mistral, qwen2)")));
+    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2" | super::gemma::GEMMA2) {
+        return Err(Error::Model(format!(
+            "GGUF architecture `{arch}` is not supported (llama, mistral, qwen2, gemma2)"
+        )));
     }
     let req = |k: &str| {
         md_u64(ct, &format!("{arch}.{k}"))
@@ -268,7 +275,7 @@ pub fn llama_config_from_gguf(ct: &gguf_file::Content) -> Result<LlamaConfig> {
             .map(|v| v.len())
             .ok_or_else(|| Error::Model("GGUF metadata gives no vocabulary size".into()))?,
     };
-    let cfg = LlamaConfig {
+    let mut cfg = LlamaConfig {
         model_type: arch.clone(),
         vocab_size: vocab,
         hidden_size: hidden,
@@ -288,7 +295,12 @@ pub fn llama_config_from_gguf(ct: &gguf_file::Content) -> Result<LlamaConfig> {
         bos_token_id: md_u64(ct, "tokenizer.ggml.bos_token_id").map(|v| v as u32),
         eos_token_ids: md_u64(ct, "tokenizer.ggml.eos_token_id").map(|v| vec![v as u32]).unwrap_or_default(),
         pad_token_id: md_u64(ct, "tokenizer.ggml.padding_token_id").map(|v| v as u32),
+        gemma2: None,
     };
+    if arch == super::gemma::GEMMA2 {
+        let g = super::gemma::Gemma2Params::from_gguf(ct, cfg.num_hidden_layers, hidden, heads, head_dim)?;
+        cfg.gemma2 = Some(g);
+    }
     if ct.tensor_infos.contains_key("rope_freqs.weight") {
         return Err(Error::Model(
             "GGUF with rope_freqs (Llama 3.1 RoPE scaling) is not supported; use the Hugging Face folder".into(),
@@ -311,7 +323,7 @@ pub fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
     Ok(t.reshape(dims)?)
 }
 
-fn hf_name(gguf: &str) -> Option<String> {
+pub(super) fn hf_name(gguf: &str) -> Option<String> {
     Some(match gguf {
         "token_embd.weight" => "model.embed_tokens.weight".into(),
         "output_norm.weight" => "model.norm.weight".into(),
@@ -480,11 +492,12 @@ fn load_gguf(file: &Path) -> Result<Loaded> {
     let ct = read_gguf(file, &mut f)?;
     let cfg = llama_config_from_gguf(&ct).map_err(|e| Error::Model(format!("{}: {e}", file.display())))?;
     let permuted = matches!(cfg.model_type.as_str(), "llama" | "mistral");
+    let gemma = cfg.gemma2.is_some();
     let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
     names.sort();
     let mut tensors = HashMap::new();
     for name in names {
-        let Some(hf) = hf_name(name) else {
+        let Some(hf) = (if gemma { super::gemma::gguf_hf_name(name) } else { hf_name(name) }) else {
             tracing::debug!("GGUF tensor {name} not used");
             continue;
         };
@@ -506,9 +519,15 @@ fn load_gguf(file: &Path) -> Result<Loaded> {
                 StoredTensor::Quant(q) => StoredTensor::Quant(q.permute_rows(&unpermute_rows(q.dims().0, heads)?)?),
             };
         }
+        if gemma
+            && super::gemma::is_norm(&hf)
+            && let StoredTensor::Dense(d) = &t
+        {
+            t = StoredTensor::Dense(super::gemma::norm_from_gguf(d)?);
+        }
         tensors.insert(hf, t);
     }
-    let tokenizer = TextTokenizer::from_gguf(&ct)?;
+    let tokenizer = TextTokenizer::from_gguf(&ct);
     Ok((ArchConfig::Llama(cfg), WeightMap::from_stored(tensors), tokenizer, vec![file.to_path_buf()]))
 }
 

@@ -1,10 +1,11 @@
-//! Pretrained transformers with adapter slots: a Llama-architecture causal LM and a BERT sequence
-//! classifier, loaded from a Hugging Face folder or a GGUF file ([`load`]).
+//! Pretrained transformers with adapter slots: a Llama-architecture causal LM (Gemma-2 included) and a BERT
+//! sequence classifier, loaded from a Hugging Face folder or a GGUF file ([`load`]).
 //!
 //! [`Model`] is what the trainer, the LoRA-SB init and the exporter see: a set of [`AdaptedLinear`]
 //! layers with stable module paths, plus (for classification) a trainable head.
 pub mod bert;
 pub mod config;
+pub mod gemma;
 pub mod llama;
 pub mod load;
 mod spm;
@@ -21,6 +22,7 @@ use crate::{Error, Result};
 
 pub use bert::{BertClassifier, BertModel};
 pub use config::{ArchConfig, BertConfig, LlamaConfig};
+pub use gemma::Gemma2Params;
 pub use llama::{KvCache, LlamaModel};
 pub use load::{LoadOptions, LoadedModel, ModelFormat, load_model};
 pub use tokenizer::{ChatMessage, TextTokenizer};
