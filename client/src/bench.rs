@@ -185,6 +185,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             cmd.args(["bench", "--in-process", "--models", m, "--adapters", &a.adapters]);
             cmd.args(["--steps", &a.steps.to_string(), "--warmup", &a.warmup.to_string(), "--device", &a.device]);
             cmd.args(["--dtype", &a.weights.dtype, "--compute-dtype", &a.weights.compute_dtype]);
+            cmd.args(["--recompute", &a.weights.recompute]);
             cmd.arg("--assets").arg(assets_root(&a));
             if a.json {
                 cmd.arg("--json");
@@ -270,6 +271,7 @@ fn bench_model(
     for kind in a.adapters.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let kind: AdapterKind = kind.parse()?;
         let mut model = loaded.model.clone();
+        a.weights.apply_recompute(&mut model)?;
         let adapter = AdapterConfig::new(kind, shape.rank, &shape.target_refs());
         if kind == AdapterKind::LoraSb {
             // The init on one batch of the same data, timed: gradient estimate, then one SVD per matrix.
@@ -366,13 +368,20 @@ pub(crate) fn time_steps(
             "device": a.device, "peak_rss_mib": peak_rss_mib(),
             "weight_bytes": wb.total, "weight_formats": wb.by_format,
             "compact_products": fedsb_common::kernels::compact_engine_name(),
-            "compute_dtype": a.weights.compute_dtype,
+            "compute_dtype": a.weights.compute_dtype, "recompute": model_recomputes(model),
         }),
     );
     if let Some(p) = profile {
         emit_profile(a.json, shape, kind, "train_step", p);
     }
     Ok(med)
+}
+
+fn model_recomputes(m: &Model) -> bool {
+    match m {
+        Model::CausalLm(l) => l.recomputes(),
+        Model::Classifier(_) => false,
+    }
 }
 
 /// The DP-SGD step on the same fixed batches (the expected batch is the bench batch; no Poisson draw, so the

@@ -16,9 +16,32 @@ pub struct WeightArgs {
     /// accumulation where the CPU has bf16 units — AMX or AVX-512 BF16 — else f32), `f32`, or `bf16`.
     #[arg(long, default_value = "auto", env = "FEDSB_COMPUTE_DTYPE")]
     pub compute_dtype: String,
+    /// Recompute each transformer block in the backward instead of keeping its activations: `auto` (on for
+    /// causal LMs of 0.5 B+ linear parameters), `on`, `off`. About a third more work per step; one block's
+    /// activations in memory instead of every block's.
+    #[arg(long, default_value = "auto")]
+    pub recompute: String,
 }
 
 impl WeightArgs {
+    /// Applies `--recompute` to `model`; returns whether it recomputes.
+    pub fn apply_recompute(&self, model: &mut fedsb_common::model::Model) -> Result<bool> {
+        let on = match self.recompute.as_str() {
+            "auto" => model.recompute_by_default(),
+            "on" => true,
+            "off" => false,
+            other => bail!("--recompute `{other}` is not one of auto, on, off"),
+        };
+        let done = model.set_recompute(on);
+        if on && !done {
+            tracing::warn!("--recompute: only causal LMs recompute their blocks; this model keeps its activations");
+        }
+        if done {
+            tracing::info!("recomputing each block in the backward (--recompute {})", self.recompute);
+        }
+        Ok(done)
+    }
+
     /// Sets the process's compute dtype and returns the weight format to load with.
     pub fn apply(&self) -> Result<WeightDtype> {
         let c: ComputeDtype = self.compute_dtype.parse()?;

@@ -187,6 +187,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         bail!("{} is a {task:?} model but {} holds {:?} data", a.model.display(), a.train.display(), train_ds.task());
     }
     let mut model = loaded.model.clone();
+    a.weights.apply_recompute(&mut model)?;
     let tokenizer = &loaded.tokenizer;
     let model_sha = loaded.weights_sha256()?;
     eprintln!("model: {:?}, {} linear layers, weights sha256 {}…", task, model.linears().len(), &model_sha[..12]);

@@ -345,6 +345,7 @@ async fn session(a: JoinArgs) -> Result<()> {
         LoadOptions { num_labels: spec.num_labels, head_seed: spec.seed, tokenizer: None, dtype: a.weights.apply()? };
     let loaded = load_model(&a.model, &device, &opts)?;
     let mut model: Model = loaded.model.clone();
+    a.weights.apply_recompute(&mut model)?;
     let init = decode_blob(&init_bytes, &device)?;
     model.attach_adapters(&spec.adapter, Some(&init))?;
     let frozen_sha256 = model.frozen_adapter_tensors()?.content_hash()?;

@@ -53,6 +53,10 @@ pub fn run(a: &BenchArgs, config: &Path, dtype: WeightDtype) -> Result<()> {
     for kind in a.adapters.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let kind: AdapterKind = kind.parse()?;
         let mut model = base.clone();
+        let recompute = a.weights.apply_recompute(&mut model)?;
+        if !a.json {
+            eprintln!("  recompute blocks in the backward: {}", if recompute { "on" } else { "off" });
+        }
         let adapter = AdapterConfig::new(kind, shape.rank, &shape.target_refs());
         let init = match kind {
             AdapterKind::LoraSb if a.init => Some(timed_init(a, &shape, &mut model, &adapter, &batches[0])?),

@@ -21,6 +21,18 @@ pub fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
+/// Returns the allocator's free pages to the OS (glibc's `malloc_trim(0)`, which releases free memory anywhere in
+/// the heap, not only at its top). Loading a model frees many tensor-sized temporaries between the weights it
+/// keeps; the client's allocator settings never trim on their own (see `fedsb-client`'s `tune_malloc`), so
+/// without this they would stay resident. A no-op off glibc.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of the allocator's own heaps.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// The median of `v` (sorted in place; NaN when empty).
 pub fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {

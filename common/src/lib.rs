@@ -22,6 +22,7 @@ pub mod mkl;
 pub mod model;
 pub mod ops;
 pub mod profile;
+pub mod recompute;
 pub mod simd;
 pub mod spec;
 pub mod tensors;

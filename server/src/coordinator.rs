@@ -271,6 +271,11 @@ impl Coordinator {
         )
         .with_context(|| format!("loading {}", cfg.model.path.display()))?;
         let base_sha = loaded.weights_sha256()?;
+        let mut loaded = loaded;
+        if loaded.model.recompute_by_default() {
+            // The init's gradient pass on a billion-parameter model: one block's activations at a time.
+            loaded.model.set_recompute(true);
+        }
         if let Some(want) = &cfg.model.sha256
             && want != &base_sha
         {

@@ -117,7 +117,7 @@ fn gradient_passes(
             let batch = Batch::collate(&items, pad_id, model.device())?;
             let out = batch_loss(model, &batch)?;
             let loss = (out.loss * (chunk.len() as f64 / n as f64))?;
-            let grads = loss.backward()?;
+            let grads = crate::recompute::backward(&loss)?;
             for l in model.linears().iter().filter(|l| l.tracks_weight_grad()) {
                 l.collect_weight_grad(&grads)?;
             }
@@ -244,6 +244,7 @@ pub fn lora_sb_init(
             on_layer(done, total);
         }
         report.svd_seconds += t1.elapsed().as_secs_f64();
+        crate::benchstats::release_free_memory();
     }
     set.set_metadata("fedsb.kind", "lora-sb-init");
     set.set_metadata("fedsb.rank", adapter.rank.to_string());

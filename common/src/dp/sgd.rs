@@ -113,7 +113,7 @@ pub fn dp_step(
             }
             loss_sum += losses.iter().map(|&l| l as f64).sum::<f64>();
             let bwd = crate::profile::span("step/backward");
-            let store = out.losses.sum_all()?.backward()?;
+            let store = crate::recompute::backward(&out.losses.sum_all()?)?;
             drop(bwd);
             scope.grads(&store)?
         };

@@ -78,6 +78,7 @@ mod elementwise;
 pub(crate) mod frozen_gemm;
 mod gemm;
 mod linear;
+mod lm_head;
 mod lora_sb;
 mod norm;
 mod rope;
@@ -93,6 +94,7 @@ pub fn compact_engine_name() -> &'static str {
     frozen_gemm::engine().name()
 }
 pub use linear::{WeightGradSink, frozen_linear, frozen_linear_tracking, frozen_matmul};
+pub use lm_head::lm_head_nll;
 pub use lora_sb::lora_sb_linear;
 pub use norm::{layer_norm, rms_norm};
 pub use rope::rope;
@@ -142,6 +144,28 @@ pub fn without<R>(f: impl FnOnce() -> R) -> R {
     }
     let _restore = Restore(OFF_HERE.with(|o| o.replace(true)));
     f()
+}
+
+thread_local! {
+    static NO_GRAD_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` as inference on this thread: kernels that would compute an input gradient ahead of the backward
+/// (the fused LM head) skip it, since no backward follows (evaluation, generation).
+pub fn inference<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            NO_GRAD_HERE.with(|o| o.set(self.0));
+        }
+    }
+    let _restore = Restore(NO_GRAD_HERE.with(|o| o.replace(true)));
+    f()
+}
+
+/// Whether this thread runs inside [`inference`].
+pub fn in_inference() -> bool {
+    NO_GRAD_HERE.with(|o| o.get())
 }
 
 /// Whether the kernels are on for this thread (not off by `FEDSB_KERNELS=off` nor by [`without`]).

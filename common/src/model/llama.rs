@@ -64,6 +64,100 @@ pub struct LlamaModel {
     norm: Tensor,
     lm_head: Option<FrozenWeight>,
     inv_freq: Tensor,
+    /// Whether training forwards recompute each block in the backward (see [`crate::recompute`]).
+    recompute: bool,
+}
+
+/// What every block of one forward pass shares: sizes, RoPE tables, masks, attention settings.
+struct BlockCtx {
+    b: usize,
+    t: usize,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<Tensor>,
+    /// Gemma-2's sliding-window mask for its local layers (when the sequence is longer than the window).
+    window_mask: Option<Tensor>,
+    softcap: Option<f64>,
+    scale: f64,
+}
+
+/// One block under [`crate::recompute::checkpoint`].
+struct BlockSegment {
+    cfg: std::sync::Arc<LlamaConfig>,
+    blk: Block,
+    index: usize,
+    ctx: std::sync::Arc<BlockCtx>,
+}
+
+impl crate::recompute::Segment for BlockSegment {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        block_forward(&self.cfg, &self.blk, self.index, x, &self.ctx, None)
+    }
+
+    fn grad_targets(&self) -> Vec<Tensor> {
+        let b = &self.blk;
+        let mut v = Vec::new();
+        for l in [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down] {
+            for (_, var) in l.trainable() {
+                if let Some(copy) = crate::dp::per_sample::per_sample(&var) {
+                    v.push(copy);
+                }
+                v.push(var.as_tensor().clone());
+            }
+        }
+        v
+    }
+}
+
+/// Block `i` of a decoder on `x` `[b, t, hidden]`, extending `cache` when given.
+fn block_forward(
+    cfg: &LlamaConfig,
+    blk: &Block,
+    i: usize,
+    x: &Tensor,
+    ctx: &BlockCtx,
+    cache: Option<&mut KvCache>,
+) -> Result<Tensor> {
+    let (b, t) = (ctx.b, ctx.t);
+    let (hq, hkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let h = ops::rms_norm(x, &blk.input_norm, cfg.rms_norm_eps)?;
+    let q = blk.q.forward(&h)?.reshape((b, t, hq, hd))?.transpose(1, 2)?;
+    let k = blk.k.forward(&h)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?;
+    let v = blk.v.forward(&h)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?;
+    let q = ops::rope(&q, &ctx.cos, &ctx.sin)?;
+    let k = ops::rope(&k, &ctx.cos, &ctx.sin)?;
+    let (k, v) = match cache {
+        Some(c) => {
+            let (k, v) = match &c.layers[i] {
+                Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v.contiguous()?], 2)?),
+                None => (k, v.contiguous()?),
+            };
+            // Detached: decoding needs no gradient, and the graph would keep every step alive.
+            c.layers[i] = Some((k.detach(), v.detach()));
+            (k, v)
+        }
+        None => (k, v),
+    };
+    let gemma = cfg.gemma2.as_ref();
+    let sliding = gemma.is_some_and(|g| g.sliding_layers.get(i).copied().unwrap_or(false));
+    let m = if sliding && ctx.window_mask.is_some() { ctx.window_mask.as_ref() } else { ctx.mask.as_ref() };
+    let a = match ctx.softcap {
+        Some(cap) => ops::attention_softcapped(&q, &k, &v, m, ctx.scale, cap)?,
+        None => ops::attention(&q, &k, &v, m, ctx.scale)?,
+    };
+    let a = a.transpose(1, 2)?.reshape((b, t, hq * hd))?;
+    let eps = cfg.rms_norm_eps;
+    if let Some(g) = &blk.gemma {
+        // Gemma-2: norms on the attention and MLP outputs before the residual adds; GeGLU.
+        let x = (x + ops::rms_norm(&blk.o.forward(&a)?, &blk.post_norm, eps)?)?;
+        let h = ops::rms_norm(&x, &g.pre_ff, eps)?;
+        let ff = ops::gelu_tanh_mul(&blk.gate.forward(&h)?, &blk.up.forward(&h)?)?;
+        return Ok((&x + ops::rms_norm(&blk.down.forward(&ff)?, &g.post_ff, eps)?)?);
+    }
+    let x = (x + blk.o.forward(&a)?)?;
+    let h = ops::rms_norm(&x, &blk.post_norm, eps)?;
+    let ff = ops::silu_mul(&blk.gate.forward(&h)?, &blk.up.forward(&h)?)?;
+    Ok((&x + blk.down.forward(&ff)?)?)
 }
 
 impl LlamaModel {
@@ -118,7 +212,7 @@ impl LlamaModel {
             return Err(crate::Error::tensor("lm_head.weight", "missing and tie_word_embeddings is false"));
         };
         let inv_freq = Tensor::new(cfg.rope_inv_freq(), norm.device())?;
-        Ok(Self { cfg: cfg.clone(), embed, blocks, norm, lm_head, inv_freq })
+        Ok(Self { cfg: cfg.clone(), embed, blocks, norm, lm_head, inv_freq, recompute: false })
     }
 
     /// A model with random weights of the given config (unit tests).
@@ -148,6 +242,18 @@ impl LlamaModel {
             b.add(l.weight());
         }
         b
+    }
+
+    /// Whether training forwards recompute each block in the backward instead of keeping its activations
+    /// (see [`crate::recompute`]: about a third more work, one block's activations in memory). Such a model must be
+    /// trained through [`crate::recompute::backward`].
+    pub fn set_recompute(&mut self, on: bool) {
+        self.recompute = on;
+    }
+
+    /// Whether blocks are recomputed (see [`Self::set_recompute`]).
+    pub fn recomputes(&self) -> bool {
+        self.recompute
     }
 
     /// Every linear layer, in layer order.
@@ -215,7 +321,6 @@ impl LlamaModel {
                 self.cfg.max_position_embeddings
             );
         }
-        let (hq, hkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
         let mut x = self.embed.embedding(&ids.flatten_all()?)?.to_device(self.device())?.reshape((
             b,
             t,
@@ -240,46 +345,19 @@ impl LlamaModel {
         {
             c.layers = vec![None; self.blocks.len()];
         }
-        let scale = self.cfg.attention_scale();
-        for (i, blk) in self.blocks.iter().enumerate() {
-            let h = ops::rms_norm(&x, &blk.input_norm, self.cfg.rms_norm_eps)?;
-            let q = blk.q.forward(&h)?.reshape((b, t, hq, hd))?.transpose(1, 2)?;
-            let k = blk.k.forward(&h)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?;
-            let v = blk.v.forward(&h)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?;
-            let q = ops::rope(&q, &cos, &sin)?;
-            let k = ops::rope(&k, &cos, &sin)?;
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => {
-                    let (k, v) = match &c.layers[i] {
-                        Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v.contiguous()?], 2)?),
-                        None => (k, v.contiguous()?),
-                    };
-                    // Detached: decoding needs no gradient, and the graph would keep every step alive.
-                    c.layers[i] = Some((k.detach(), v.detach()));
-                    (k, v)
-                }
-                None => (k, v),
-            };
-            let sliding = gemma.is_some_and(|g| g.sliding_layers.get(i).copied().unwrap_or(false));
-            let m = if sliding && window_mask.is_some() { window_mask.as_ref() } else { mask.as_ref() };
-            let a = match softcap {
-                Some(cap) => ops::attention_softcapped(&q, &k, &v, m, scale, cap)?,
-                None => ops::attention(&q, &k, &v, m, scale)?,
-            };
-            let a = a.transpose(1, 2)?.reshape((b, t, hq * hd))?;
-            if let Some(g) = &blk.gemma {
-                // Gemma-2: norms on the attention and MLP outputs before the residual adds; GeGLU.
-                let eps = self.cfg.rms_norm_eps;
-                x = (x + ops::rms_norm(&blk.o.forward(&a)?, &blk.post_norm, eps)?)?;
-                let h = ops::rms_norm(&x, &g.pre_ff, eps)?;
-                let ff = ops::gelu_tanh_mul(&blk.gate.forward(&h)?, &blk.up.forward(&h)?)?;
-                x = (x + ops::rms_norm(&blk.down.forward(&ff)?, &g.post_ff, eps)?)?;
-                continue;
+        let ctx = BlockCtx { b, t, cos, sin, mask, window_mask, softcap, scale: self.cfg.attention_scale() };
+        // Recompute blocks in the backward when asked, for training forwards on the CPU kernels.
+        let recompute = self.recompute && cache.is_none() && crate::kernels::applies(&x);
+        if recompute {
+            let (cfg, ctx) = (std::sync::Arc::new(self.cfg.clone()), std::sync::Arc::new(ctx));
+            for (i, blk) in self.blocks.iter().enumerate() {
+                let seg = BlockSegment { cfg: cfg.clone(), blk: blk.clone(), index: i, ctx: ctx.clone() };
+                x = crate::recompute::checkpoint(std::sync::Arc::new(seg), &x)?;
             }
-            x = (x + blk.o.forward(&a)?)?;
-            let h = ops::rms_norm(&x, &blk.post_norm, self.cfg.rms_norm_eps)?;
-            let ff = ops::silu_mul(&blk.gate.forward(&h)?, &blk.up.forward(&h)?)?;
-            x = (x + blk.down.forward(&ff)?)?;
+        } else {
+            for (i, blk) in self.blocks.iter().enumerate() {
+                x = block_forward(&self.cfg, blk, i, &x, &ctx, cache.as_deref_mut())?;
+            }
         }
         if let Some(c) = cache {
             c.len += t;
@@ -338,6 +416,12 @@ impl LlamaModel {
             return Err(crate::Error::Data("batch has no labelled position".into()));
         }
         let sel = hidden.index_select(&Tensor::new(rows, self.device())?, 0)?;
+        let cap = self.cfg.gemma2.as_ref().and_then(|g| g.final_logit_softcapping);
+        if crate::kernels::applies(&sel) {
+            // The head and the loss in one op: no [m, vocab] logits kept (see `kernels::lm_head_nll`).
+            let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+            return Ok((crate::kernels::lm_head_nll(&sel, head, &targets, cap)?, owners));
+        }
         let logits = self.logits(&sel)?;
         let targets = Tensor::new(targets, self.device())?;
         Ok((token_nll(&logits, &targets)?, owners))

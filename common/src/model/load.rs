@@ -156,6 +156,8 @@ pub fn load_model(path: &Path, device: &Device, opts: &LoadOptions) -> Result<Lo
     if !unused.is_empty() {
         tracing::debug!("{} checkpoint tensors unused: {:?}", unused.len(), &unused[..unused.len().min(8)]);
     }
+    drop(weights);
+    crate::benchstats::release_free_memory();
     Ok(LoadedModel { model, tokenizer, arch, path: path.to_path_buf(), format, weight_files })
 }
 

@@ -27,6 +27,10 @@ pub use llama::{KvCache, LlamaModel};
 pub use load::{LoadOptions, LoadedModel, ModelFormat, load_model};
 pub use tokenizer::{ChatMessage, TextTokenizer};
 
+/// Linear-layer parameters from which `--recompute auto` recomputes blocks (see
+/// [`Model::recompute_by_default`]).
+pub const RECOMPUTE_AUTO_PARAMS: usize = 500_000_000;
+
 /// What a model is trained for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -61,6 +65,26 @@ impl Model {
             Model::CausalLm(m) => m.device(),
             Model::Classifier(m) => m.encoder.device(),
         }
+    }
+
+    /// Recomputes each transformer block in the backward instead of keeping its activations (causal LMs; see
+    /// [`crate::recompute`]). Returns whether the model does it now.
+    pub fn set_recompute(&mut self, on: bool) -> bool {
+        match self {
+            Model::CausalLm(m) => {
+                m.set_recompute(on);
+                on
+            }
+            Model::Classifier(_) => false,
+        }
+    }
+
+    /// The default of `--recompute auto`: on for causal LMs of at least [`RECOMPUTE_AUTO_PARAMS`] parameters in
+    /// their linear layers (billion-parameter models, whose activations would otherwise rival their compact
+    /// weights), off for smaller ones (whose step it would slow by a third for little memory).
+    pub fn recompute_by_default(&self) -> bool {
+        let params: usize = self.linears().iter().map(|l| l.dims().0 * l.dims().1).sum();
+        matches!(self, Model::CausalLm(_)) && params >= RECOMPUTE_AUTO_PARAMS
     }
 
     /// Bytes of the frozen matrices (linear weights, embeddings, LM head) by format.

@@ -155,10 +155,13 @@ pub fn synthetic_model(
     device: &Device,
 ) -> Result<Model> {
     let mut w = synthetic_weights(arch, dtype, seed)?.on_device(device);
-    Ok(match arch {
+    let m = match arch {
         ArchConfig::Llama(c) => Model::CausalLm(LlamaModel::load(c, &mut w)?),
         ArchConfig::Bert(c) => Model::Classifier(BertClassifier::new(BertModel::load(c, &mut w)?, num_labels, seed)?),
-    })
+    };
+    drop(w);
+    crate::benchstats::release_free_memory();
+    Ok(m)
 }
 
 #[cfg(test)]

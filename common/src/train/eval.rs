@@ -30,7 +30,7 @@ pub fn evaluate(model: &Model, data: &[Encoded], batch_size: usize, pad_id: u32)
     for chunk in data.chunks(batch_size.max(1)) {
         let items: Vec<&Encoded> = chunk.iter().collect();
         let batch = Batch::collate(&items, pad_id, model.device())?;
-        let out = batch_loss(model, &batch)?;
+        let out = crate::kernels::inference(|| batch_loss(model, &batch))?;
         let l = out.loss.to_scalar::<f32>()? as f64;
         total += l * out.count as f64;
         count += out.count;

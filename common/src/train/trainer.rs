@@ -194,7 +194,7 @@ impl<'m> Trainer<'m> {
                 return Err(Error::Numerics(format!("loss is {lv} at step {step}; no update was made")));
             }
             let bwd = crate::profile::span("step/backward");
-            let grads = (out.loss / k)?.backward()?;
+            let grads = crate::recompute::backward(&(out.loss / k)?)?;
             drop(bwd);
             for (slot, (name, var)) in acc.iter_mut().zip(&self.vars) {
                 let g = grads.get(var.as_tensor()).ok_or_else(|| {
