@@ -110,6 +110,46 @@ fn bench_json_prints_the_promised_fields() {
     assert_eq!(init["matrices"], 24);
 }
 
+/// `bench --synthetic` builds a model of a config.json with random weights in the asked format, trains it
+/// and reports the frozen weights' bytes by format; a format the shapes cannot take is refused by tensor name.
+/// (A small config keeps it fast; the billion-parameter configs are for measuring.)
+#[test]
+fn bench_synthetic_reports_the_weight_bytes_of_the_asked_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("small-llama.json");
+    std::fs::write(
+        &cfg,
+        r#"{"model_type":"llama","hidden_size":128,"intermediate_size":256,"num_hidden_layers":2,
+            "num_attention_heads":4,"num_key_value_heads":2,"vocab_size":512,"rms_norm_eps":1e-5,
+            "tie_word_embeddings":true}"#,
+    )
+    .unwrap();
+    // Frozen matrices: embedding 512×128, per layer q 128², k/v 64×128, o 128², gate/up/down 3×256×128.
+    let params = 512 * 128 + 2 * (2 * 128 * 128 + 2 * 64 * 128 + 3 * 256 * 128);
+    for (dtype, bytes) in [("q8_0", params / 32 * 34), ("bf16", params * 2), ("q4_0", params / 32 * 18)] {
+        let o = client()
+            .args(["bench", "--json", "--steps", "2", "--warmup", "0", "--batch", "2", "--seq-len", "16"])
+            .args(["--rank", "4", "--dtype", dtype, "--recompute", "on", "--synthetic"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let lines = json_lines(&o);
+        let step = lines.iter().find(|l| l["what"] == "train_step").expect("a train_step line");
+        assert_eq!(step["weight_bytes"], bytes, "{dtype}");
+        assert_eq!(step["weight_formats"][dtype], bytes, "{dtype}");
+        assert_eq!(step["adapted_matrices"], 14);
+        assert_eq!(step["recompute"], true);
+        assert!(step["tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(step["loss_first"].as_f64().unwrap().is_finite());
+    }
+    let o = client().args(["bench", "--dtype", "q4_k", "--steps", "1", "--synthetic"]).arg(&cfg).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("q4_k") && stderr.contains("embed_tokens"), "{stderr}");
+    let o = client().args(["bench", "--dtype", "q3_0", "--synthetic"]).arg(&cfg).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("q3_0") && stderr.contains("q8_0"), "{stderr}");
+}
+
 /// `bench --profile` breaks the step into phases and the kernels inside them, and they add up to the step.
 #[test]
 fn bench_profile_accounts_for_the_step() {
