@@ -253,7 +253,7 @@ impl AdaptedLinear {
             // One fused op for the base layer and the adapter path (with R, or a per-sample copy of it).
             let rm = match crate::dp::per_sample::per_sample(r) {
                 Some(copy) => copy,
-                None => r.as_tensor().clone(),
+                None => trained(r),
             };
             let dims = x.dims().to_vec();
             let (d_out, d_in) = self.dims();
@@ -292,16 +292,16 @@ impl AdaptedLinear {
             Some(adapter) if crate::dp::per_sample::active() => self.per_sample_side(x, adapter)?,
             Some(Adapter::LoraSb { a, b, r }) => {
                 let h = ops::frozen_matmul(x, a)?;
-                let h = h.broadcast_matmul(&r.as_tensor().t()?)?;
+                let h = h.broadcast_matmul(&trained(r).t()?)?;
                 ops::frozen_matmul(&h, b)?
             }
             Some(Adapter::Lora { a, b }) => {
-                let h = x.broadcast_matmul(&a.as_tensor().t()?)?;
-                h.broadcast_matmul(&b.as_tensor().t()?)?
+                let h = x.broadcast_matmul(&trained(a).t()?)?;
+                h.broadcast_matmul(&trained(b).t()?)?
             }
             Some(Adapter::FfaLora { a, b }) => {
                 let h = ops::frozen_matmul(x, a)?;
-                h.broadcast_matmul(&b.as_tensor().t()?)?
+                h.broadcast_matmul(&trained(b).t()?)?
             }
         };
         let side = if self.scale == 1.0 { side } else { (side * self.scale)? };
@@ -448,6 +448,13 @@ impl AdaptedLinear {
     }
 }
 
+/// A trained tensor as a forward pass uses it: itself while training, detached under
+/// [`crate::kernels::inference`] (evaluation, generation), so no graph is built and every activation is freed
+/// as soon as the next layer has used it.
+fn trained(v: &Var) -> Tensor {
+    if crate::kernels::in_inference() { v.as_tensor().detach() } else { v.as_tensor().clone() }
+}
+
 /// Fails when `t` holds a NaN or infinity.
 pub fn check_finite(name: &str, t: &Tensor) -> Result<()> {
     let s = t.to_dtype(DType::F32)?.flatten_all()?;
@@ -501,6 +508,24 @@ mod tests {
             let merged = (&w0 + l.delta_weight().unwrap().unwrap()).unwrap();
             let y_ref = x.broadcast_matmul(&merged.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
             assert!(maxdiff(&y, &y_ref) < 1e-4, "{kind}");
+        }
+    }
+
+    /// Under `kernels::inference` a forward builds no graph (its activations are freed as it goes) and gives
+    /// the same values.
+    #[test]
+    fn inference_forwards_build_no_graph() {
+        let dev = Device::Cpu;
+        let w0 = Tensor::randn(0f32, 1., (6, 32), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1., (3, 32), &dev).unwrap();
+        for kind in [AdapterKind::LoraSb, AdapterKind::Lora, AdapterKind::FfaLora] {
+            let mut l = AdaptedLinear::new("m.q", "q", fw(&w0), None).unwrap();
+            l.attach(&AdapterConfig::new(kind, 2, &["q"]), Some(&lora_sb_init("m.q", 6, 32, 2, &dev))).unwrap();
+            let y = l.forward(&x).unwrap();
+            assert!(y.track_op(), "{kind}: training forwards track the adapter");
+            let yi = crate::kernels::inference(|| l.forward(&x).unwrap());
+            assert!(!yi.track_op(), "{kind}: an inference forward built a graph");
+            assert_eq!(maxdiff(&y, &yi), 0.0);
         }
     }
 

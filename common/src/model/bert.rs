@@ -302,7 +302,12 @@ impl BertClassifier {
             let logits = pooled.unsqueeze(1)?.matmul(&w.transpose(1, 2)?)?.squeeze(1)?;
             return Ok((logits + b)?);
         }
-        Ok(pooled.matmul(&self.head_w.as_tensor().t()?)?.broadcast_add(self.head_b.as_tensor())?)
+        let (w, b) = if crate::kernels::in_inference() {
+            (self.head_w.as_tensor().detach(), self.head_b.as_tensor().detach())
+        } else {
+            (self.head_w.as_tensor().clone(), self.head_b.as_tensor().clone())
+        };
+        Ok(pooled.matmul(&w.t()?)?.broadcast_add(&b)?)
     }
 }
 

@@ -7,6 +7,10 @@ use crate::model::{KvCache, LlamaModel};
 /// Greedily extends `prompt` by at most `max_new` tokens, stopping after any token of `stop` (which is
 /// included in the output). Returns the new tokens only.
 pub fn generate_greedy(model: &LlamaModel, prompt: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
+    crate::kernels::inference(|| greedy(model, prompt, max_new, stop))
+}
+
+fn greedy(model: &LlamaModel, prompt: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
     if prompt.is_empty() {
         return Err(crate::Error::Data("empty prompt".into()));
     }
