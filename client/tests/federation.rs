@@ -103,7 +103,7 @@ fn three_clients_two_rounds_over_mutual_tls() {
     let text = std::fs::read_to_string(a.join("data/rotten-tomatoes/train.jsonl")).unwrap();
     std::fs::write(&train, text.lines().take(64 + 120).collect::<Vec<_>>().join("\n")).unwrap();
     let mut cfg = base_config(&model, &w.join("data/public.jsonl"), &w.join("state"), 3, 2);
-    cfg.eval = Some(EvalSection { data: a.join("data/rotten-tomatoes/test.jsonl"), limit: Some(32), batch_size: 32 });
+    cfg.eval = Some(EvalSection::new(a.join("data/rotten-tomatoes/test.jsonl"), Some(32), 32));
     let fed = LocalFederation {
         clients: 3,
         model,
@@ -200,6 +200,207 @@ fn three_clients_two_rounds_over_mutual_tls() {
     assert_eq!(plan.down_bytes(), expected);
     for l in &inits {
         assert_eq!(l.payload_bytes, plan.init_bytes(), "init download: B, A and R0");
+    }
+}
+
+/// Up to `n` GSM8K problems of `file` whose prompt is short enough to leave room for a response in a short
+/// `max_len`, as JSONL.
+fn short_gsm8k(file: &Path, skip: usize, n: usize) -> String {
+    let text = std::fs::read_to_string(file).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["prompt"].as_str().unwrap().len() < 200
+        })
+        .skip(skip)
+        .take(n)
+        .collect();
+    assert_eq!(lines.len(), n, "not enough short problems in {}", file.display());
+    lines.join("\n") + "\n"
+}
+
+#[test]
+fn smollm2_on_gsm8k_three_clients_report_held_out_loss_and_bytes() {
+    let Some(a) = assets() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path().to_path_buf();
+    let model = a.join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    // A small slice of the real data: 4 public problems for the init and 3 × 4 for the clients; 4 held out.
+    let train = w.join("train-slice.jsonl");
+    std::fs::write(&train, short_gsm8k(&a.join("data/gsm8k/train.jsonl"), 0, 16)).unwrap();
+    let eval = w.join("eval-slice.jsonl");
+    std::fs::write(&eval, short_gsm8k(&a.join("data/gsm8k/eval.jsonl"), 0, 4)).unwrap();
+    let mut cfg = base_config(&model, &w.join("data/public.jsonl"), &w.join("state"), 3, 2);
+    // r = 4 on q and v only, 2 local steps of 2 × ≤128 tokens: seconds per round on 2 cores.
+    cfg.adapter.targets = Some(vec!["q".into(), "v".into()]);
+    cfg.local = fedsb_common::spec::LocalTraining {
+        steps: Some(2),
+        batch_size: 2,
+        max_len: 128,
+        lr: 2e-3,
+        ..Default::default()
+    };
+    cfg.init.samples = Some(2);
+    cfg.init.batch_size = 2;
+    cfg.init.eta = Some(1.2e-4);
+    let mut ev = EvalSection::new(eval.clone(), None, 4);
+    ev.exact_match = 1;
+    ev.max_new_tokens = 8;
+    cfg.eval = Some(ev);
+    let fed = LocalFederation {
+        clients: 3,
+        model,
+        train,
+        eval: Some(eval),
+        public_examples: 4,
+        split: Split::Iid,
+        config: cfg,
+        work_dir: w.clone(),
+        client_exe: PathBuf::from(env!("CARGO_BIN_EXE_fedsb-client")),
+        client_output_inherit: false,
+        client_args: vec![],
+    };
+    let cfg = fed.prepare().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let outcome = rt.block_on(fed.run(cfg)).unwrap();
+    let logs: String =
+        (1..=3).map(|i| std::fs::read_to_string(w.join(format!("client-{i}.log"))).unwrap_or_default()).collect();
+    assert_eq!(outcome.status, "completed", "{}\n{logs}", outcome.message);
+
+    // Before round 1: the base model and the starting global (LoRA-SB init), both on the 4 held-out problems.
+    let start: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(w.join("state/eval_start.json")).unwrap()).unwrap();
+    let start_loss = start["start"]["loss"].as_f64().unwrap();
+    let base_loss = start["base"]["loss"].as_f64().unwrap();
+    assert!(start_loss.is_finite() && start_loss > 0.0 && base_loss.is_finite() && base_loss > 0.0, "{start}");
+    assert_eq!(start["start"]["exact_match"]["total"], 1, "{start}");
+
+    let store = Store::open(&w.join("state")).unwrap();
+    let run = store.latest_run().unwrap().unwrap();
+    let rounds = store.rounds(&run.run_id).unwrap();
+    assert_eq!(rounds.len(), 2);
+    // Every round: the held-out response loss of the new global (no accuracy: not a classifier), the exact
+    // match of the one decoded problem, the mean local loss, and the aggregate is the mean of the updates.
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(w.join("state/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(metrics.len(), 2);
+    let mut losses = vec![start_loss];
+    for (r, m) in rounds.iter().zip(&metrics) {
+        assert_eq!(r.status, "completed");
+        assert_eq!(r.contributed.len(), 3);
+        assert_eq!(m["round"], r.round);
+        let e = &m["eval"];
+        let loss = e["loss"].as_f64().unwrap_or(f64::NAN);
+        assert!(loss.is_finite() && loss > 0.0, "round {}: {e}", r.round);
+        assert!(e["count"].as_u64().unwrap() > 4, "response tokens are counted: {e}");
+        assert_eq!(e["examples"], 4);
+        assert!(e["accuracy"].is_null(), "{e}");
+        assert_eq!(e["exact_match"]["total"], 1, "{e}");
+        assert!(e["exact_match"]["generated_tokens"].as_u64().unwrap() >= 1, "{e}");
+        assert!(m["mean_train_loss"].as_f64().unwrap().is_finite());
+        let stored: serde_json::Value = serde_json::from_str(r.eval_json.as_deref().unwrap()).unwrap();
+        assert_eq!(stored["loss"], e["loss"]);
+        losses.push(loss);
+        let updates: Vec<TensorSet> =
+            (1..=3).map(|i| read_set(&w.join(format!("client-{i}/updates/round-{}.safetensors", r.round)))).collect();
+        let global = decode_blob(&store.get_blob(r.global_sha256.as_deref().unwrap()).unwrap(), &Device::Cpu).unwrap();
+        assert_eq!(global.len(), 30 * 2, "an R per adapted layer, no head");
+        let d = max_abs_diff(&global, &mean(&updates));
+        assert!(d < 1e-6, "round {}: aggregate differs from the mean by {d}", r.round);
+    }
+    assert!(losses.windows(2).all(|p| p[0] != p[1]), "each round changed the evaluated model: {losses:?}");
+    // The ledger: per client and round, r² values per adapted layer up and down (30 layers × q, v; f32).
+    let expected = (30 * 2 * 4 * 4) as u64 * 4;
+    assert_eq!(metrics[0]["analytic_min_bytes"], expected);
+    let ledger = store.ledger(&run.run_id).unwrap();
+    for dir in ["up", "down"] {
+        let rows: Vec<_> = ledger.iter().filter(|l| l.transfer == "round" && l.direction == dir).collect();
+        assert_eq!(rows.len(), 6, "{dir}: 3 clients × 2 rounds");
+        for l in rows {
+            assert_eq!(l.payload_bytes, expected, "{l:?}");
+            assert!(l.message_bytes > l.payload_bytes, "{l:?}");
+            assert!(l.wire_bytes.unwrap() > l.message_bytes, "{l:?}");
+            // ... but not the init download (~1 MB) that the first round opened during.
+            assert!(l.wire_bytes.unwrap() < 2 * l.message_bytes, "{l:?}");
+        }
+    }
+    assert_eq!(ledger.iter().filter(|l| l.transfer == "init").count(), 3, "each client downloaded the init once");
+    assert!(std::fs::read_to_string(w.join("ledger.jsonl")).unwrap().lines().count() >= 15);
+}
+
+#[test]
+fn a_local_federation_refuses_a_dirichlet_split_of_unlabelled_data() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path().to_path_buf();
+    let train = w.join("train.jsonl");
+    let line = r#"{"prompt": "What is 2 + 2?", "response": "2 + 2 = 4\n#### 4", "answer": "4"}"#;
+    std::fs::write(&train, format!("{line}\n").repeat(12)).unwrap();
+    let fed = LocalFederation {
+        clients: 3,
+        model: w.join("unused-model"),
+        train: train.clone(),
+        eval: None,
+        public_examples: 2,
+        split: Split::Dirichlet(0.5),
+        config: base_config(&w.join("unused-model"), &w.join("data/public.jsonl"), &w.join("state"), 3, 1),
+        work_dir: w.clone(),
+        client_exe: PathBuf::from(env!("CARGO_BIN_EXE_fedsb-client")),
+        client_output_inherit: false,
+        client_args: vec![],
+    };
+    let e = format!("{:#}", fed.prepare().unwrap_err());
+    assert!(e.contains("IID") && e.contains("train.jsonl"), "{e}");
+}
+
+/// A local federation of the tiny model whose clients all get `client_args`.
+fn tiny_local(f: &Fixture, clients: usize, client_args: &[&str], work: &str) -> LocalFederation {
+    let work = f.dir.join(work);
+    let train = f.dir.join("train.jsonl");
+    std::fs::write(&train, fedsb_common::model::testing::tiny_classification_jsonl(40, 2)).unwrap();
+    let mut cfg = base_config(&f.model, &work.join("data/public.jsonl"), &work.join("state"), clients, 2);
+    // As `fedsb-server local` sets them: every client is needed in every round.
+    cfg.quorum = Some(clients);
+    cfg.round_deadline_secs = 600;
+    LocalFederation {
+        clients,
+        model: f.model.clone(),
+        train,
+        eval: None,
+        public_examples: 8,
+        split: Split::Iid,
+        config: cfg,
+        work_dir: work,
+        client_exe: PathBuf::from(env!("CARGO_BIN_EXE_fedsb-client")),
+        client_output_inherit: false,
+        client_args: client_args.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+#[test]
+fn a_local_client_that_dies_ends_the_run_at_once_instead_of_at_the_deadline() {
+    let f = fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Before joining (a device it cannot use), and after joining (a weight format it cannot parse, read once
+    // the init is downloaded): the run fails within seconds, not at the 600 s deadline, and says which client
+    // and why.
+    for (i, (args, says)) in
+        [(["--device", "nonsense"], "before joining"), (["--dtype", "nonsense"], "left the run")].iter().enumerate()
+    {
+        let fed = tiny_local(&f, 2, args, &format!("local-{i}"));
+        let cfg = fed.prepare().unwrap();
+        let t = std::time::Instant::now();
+        let outcome = rt.block_on(fed.run(cfg)).unwrap();
+        assert!(t.elapsed() < Duration::from_secs(120), "{:?}", t.elapsed());
+        assert_eq!(outcome.status, "failed", "{}", outcome.message);
+        let m = &outcome.message;
+        // The client's own error, not a backtrace.
+        assert!(m.contains("client-") && m.contains("exited with") && m.contains("`nonsense`"), "{args:?}: {m}");
+        assert!(!m.contains("backtrace"), "{m}");
+        assert!(m.contains(says), "{args:?}: {m}");
     }
 }
 
@@ -463,6 +664,41 @@ async fn rounds_close_at_the_deadline_with_quorum_and_fail_cleanly_without() {
         pb::get_task_reply::Reply::Finished(f) => assert_eq!(f.status, "failed"),
         other => panic!("expected the end of the run, got {other:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_init_downloaded_while_a_round_is_open_is_not_counted_again_in_its_wire_bytes() {
+    let f = fixture();
+    let cfg = base_config(&f.model, &f.init, &f.dir.join("state"), 2, 1);
+    let run = start(&cfg, false).await;
+    let base = run.coord.spec.base_model_sha256.clone();
+    let frozen = run.coord.frozen_sha256.clone();
+    let mut a = FakeClient::new(run.addr, "alice").await;
+    let mut b = FakeClient::new(run.addr, "bob").await;
+    let j = a.join(&base).await.unwrap();
+    b.join(&base).await.unwrap();
+    // The round is open (both have a task) before bob downloads the init; alice got hers before.
+    let ta = expect_task(&mut a, &j.run_id).await;
+    let tb = expect_task(&mut b, &j.run_id).await;
+    let init = b.fetch(j.init_blob.as_ref().unwrap()).await;
+    // The coordinator books the download once its last frames have left (50 ms).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let global = decode_blob(&a.fetch(ta.global.as_ref().unwrap()).await, &Device::Cpu).unwrap();
+    b.fetch(tb.global.as_ref().unwrap()).await;
+    a.submit(&ta, &shifted(&global, 1.0), &frozen).await.unwrap();
+    b.submit(&tb, &shifted(&global, 2.0), &frozen).await.unwrap();
+    run.coord.wait_finished(Duration::from_millis(100)).await;
+    let ledger = run.coord.store().ledger(&run.coord.run_id).unwrap();
+    let init_row = ledger.iter().find(|l| l.transfer == "init" && l.client == "bob").unwrap();
+    assert!(init_row.wire_bytes.unwrap() >= init.len() as u64, "{init_row:?}");
+    let down = |c: &str| {
+        ledger.iter().find(|l| l.transfer == "round" && l.direction == "down" && l.client == c).unwrap().clone()
+    };
+    let (da, db) = (down("alice"), down("bob"));
+    assert_eq!(da.payload_bytes, db.payload_bytes);
+    // Bob's round traffic is what alice's is (within framing), not that plus the init.
+    let (wa, wb) = (da.wire_bytes.unwrap(), db.wire_bytes.unwrap());
+    assert!(wb < wa + init.len() as u64 / 2 && 4 * wb > 3 * wa, "alice {wa} B, bob {wb} B, init {} B", init.len());
 }
 
 /// Drives `clients` through rounds until the run ends, each submitting global + (round · 0.1 + index).

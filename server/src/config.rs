@@ -35,6 +35,8 @@
 //! [eval]                       # optional: the coordinator evaluates every new global model
 //! data = "test.jsonl"
 //! limit = 1000
+//! # exact_match = 16           # causal LMs: greedy-decode the first 16 and score their final answers
+//! # max_new_tokens = 256
 //!
 //! [dp]                         # optional: DP-SGD required of every client (fedsb_common::dp::DpSpec)
 //! max_grad_norm = 0.1          # C, per-sample clipping norm
@@ -179,6 +181,25 @@ pub struct EvalSection {
     /// Batch size.
     #[serde(default = "init_batch")]
     pub batch_size: usize,
+    /// Causal LMs with prompt/response data: also greedy-decode the first N of the evaluated examples each round
+    /// and report the exact match of their final answer (`#### N`, or the last number) with the reference
+    /// (0: off). Decoding costs far more than the loss, so keep N small on a CPU.
+    #[serde(default)]
+    pub exact_match: usize,
+    /// Longest generated answer for exact match, in tokens.
+    #[serde(default = "max_new_tokens")]
+    pub max_new_tokens: usize,
+}
+
+fn max_new_tokens() -> usize {
+    256
+}
+
+impl EvalSection {
+    /// Evaluation of `data`: all of it (or the first `limit` examples) in batches of `batch_size`, no exact match.
+    pub fn new(data: PathBuf, limit: Option<usize>, batch_size: usize) -> Self {
+        Self { data, limit, batch_size, exact_match: 0, max_new_tokens: max_new_tokens() }
+    }
 }
 
 /// A federated run.
@@ -318,6 +339,14 @@ impl RunConfig {
             bail!("adapter.rank must be at least 1");
         }
         self.local.validate()?;
+        if let Some(e) = &self.eval {
+            if e.batch_size == 0 {
+                bail!("[eval] batch_size must be at least 1");
+            }
+            if e.exact_match > 0 && e.max_new_tokens == 0 {
+                bail!("[eval] max_new_tokens must be at least 1 when exact_match is on");
+            }
+        }
         if let Some(dp) = &self.dp {
             dp.validate().context("the [dp] section")?;
             if dp.rounds != 0 && dp.rounds != self.rounds {
@@ -371,6 +400,11 @@ data = "public.jsonl"
         assert_eq!(c.local.batch_size, 16);
         assert_eq!(ClientsPerRound::Fraction(0.5).sample_size(5), 3);
         assert_eq!(ClientsPerRound::Count(4).sample_size(2), 2);
+        assert!(c.eval.is_none());
+        std::fs::write(&p, format!("{MIN}[eval]\ndata = \"e.jsonl\"\nexact_match = 8\n")).unwrap();
+        let e = RunConfig::load(&p).unwrap().eval.unwrap();
+        assert_eq!((e.exact_match, e.max_new_tokens, e.batch_size), (8, 256, 32));
+        assert_eq!(e.data, dir.path().join("e.jsonl"));
     }
 
     #[test]
@@ -386,6 +420,9 @@ data = "public.jsonl"
             (format!("{MIN}[dp]\nmax_grad_norm = 0.1\ntarget_epsilon = 3\ndelta = 2\n"), "delta"),
             (format!("{MIN}[dp]\nmax_grad_norm = -1\ntarget_epsilon = 3\ndelta = 1e-5\n"), "max_grad_norm"),
             (format!("{MIN}[dp]\nmax_grad_norm = 0.1\ndelta = 1e-5\n"), "target_epsilon"),
+            (format!("{MIN}[eval]\ndata = \"e.jsonl\"\nexact_match = 4\nmax_new_tokens = 0\n"), "max_new_tokens"),
+            (format!("{MIN}[eval]\ndata = \"e.jsonl\"\nbatch_size = 0\n"), "batch_size"),
+            (format!("{MIN}[eval]\ndata = \"e.jsonl\"\nexact_matches = 4\n"), "exact_matches"),
         ] {
             std::fs::write(&p, bad).unwrap();
             let e = format!("{:#}", RunConfig::load(&p).unwrap_err());

@@ -6,7 +6,7 @@
 //! its ledger rows are committed in one transaction, and only then does the engine install the new global
 //! (so a crash never leaves a half round; `--resume` continues from the last committed round).
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,10 +20,11 @@ use fedsb_common::aggregate::{FLoraAggregator, Weighting, folds_base, lora_facto
 use fedsb_common::comm::human_bytes;
 use fedsb_common::comm::ledger::{ByteLedger, Direction, LedgerEntry, Transfer};
 use fedsb_common::dp::DpReport;
+use fedsb_common::model::TextTokenizer;
 use fedsb_common::model::{LoadOptions, Model, TaskKind, load_model};
 use fedsb_common::spec::ClientSpec;
-use fedsb_common::train::data::Encoded;
-use fedsb_common::train::eval::{EvalReport, evaluate};
+use fedsb_common::train::data::{Encoded, Example, extract_final_answer};
+use fedsb_common::train::eval::{EvalReport, evaluate, exact_match};
 use fedsb_common::train::{Dataset, Encoder, LrSchedule};
 use fedsb_common::wire::{WireDtype, encode_blob};
 use serde::Serialize;
@@ -59,6 +60,75 @@ struct Evaluator {
     data: Vec<Encoded>,
     batch_size: usize,
     pad: u32,
+    /// Exact match of greedily decoded answers (causal LMs, `[eval] exact_match`).
+    exact_match: Option<ExactMatchSet>,
+}
+
+/// What the exact-match part of an evaluation decodes, and how.
+struct ExactMatchSet {
+    examples: Vec<Example>,
+    tokenizer: TextTokenizer,
+    max_len: usize,
+    max_new_tokens: usize,
+}
+
+impl Evaluator {
+    /// Reads and tokenizes the held-out data of `e` for `model` (the evaluator's copy, adapters attached),
+    /// checking up front that the exact-match examples can be scored.
+    fn new(e: &crate::config::EvalSection, model: &Model, tokenizer: &TextTokenizer, max_len: usize) -> Result<Self> {
+        let mut ds = Dataset::load_jsonl(&e.data).context("the evaluation data")?;
+        if let Some(n) = e.limit {
+            ds = ds.take(n);
+        }
+        let task = model.task();
+        let data = Encoder::new(tokenizer, task, max_len)
+            .encode_all(&ds)
+            .with_context(|| format!("tokenizing the evaluation data {}", e.data.display()))?;
+        let exact_match = if e.exact_match > 0 {
+            if task != TaskKind::CausalLm {
+                bail!("[eval] exact_match needs a causal LM; this model is a classifier (set it to 0)");
+            }
+            let examples = ds.take(e.exact_match).examples;
+            for (i, ex) in examples.iter().enumerate() {
+                let scorable = matches!(ex, Example::Instruction { response, answer, .. }
+                    if answer.is_some() || extract_final_answer(response).is_some());
+                if !scorable {
+                    bail!(
+                        "[eval] exact_match: example {} of {} is not a prompt/response pair with a reference answer \
+                         (`answer`, or a final number in the response)",
+                        i + 1,
+                        e.data.display()
+                    );
+                }
+            }
+            Some(ExactMatchSet { examples, tokenizer: tokenizer.clone(), max_len, max_new_tokens: e.max_new_tokens })
+        } else {
+            None
+        };
+        Ok(Self { model: model.clone(), data, batch_size: e.batch_size, pad: tokenizer.pad_id(), exact_match })
+    }
+
+    /// Loss (and accuracy) of `model` on the held-out data, and exact match where configured.
+    fn evaluate(&self, model: &Model) -> Result<EvalReport> {
+        let mut rep = evaluate(model, &self.data, self.batch_size, self.pad)?;
+        if let Some(em) = &self.exact_match {
+            let enc = Encoder::new(&em.tokenizer, TaskKind::CausalLm, em.max_len);
+            rep.exact_match = Some(exact_match(model, &enc, &em.examples, em.max_new_tokens, &mut |_, _| {})?);
+        }
+        Ok(rep)
+    }
+}
+
+/// The held-out figures of a report, as the round lines print them.
+pub fn describe_eval(e: &EvalReport) -> String {
+    let main = match e.accuracy {
+        Some(a) => format!("held-out accuracy {:.2}% (loss {:.4})", 100.0 * a, e.loss),
+        None => format!("held-out loss {:.4}", e.loss),
+    };
+    match &e.exact_match {
+        Some(m) => format!("{main}, exact match {}/{} ({:.1}%)", m.correct, m.total, 100.0 * m.accuracy),
+        None => main,
+    }
 }
 
 /// The byte ledger of the open round, plus per-client wire counters at its opening.
@@ -377,21 +447,13 @@ impl Coordinator {
             trainable
         };
         let evaluator = match &cfg.eval {
-            Some(e) => {
-                let mut ds = Dataset::load_jsonl(&e.data).context("the evaluation data")?;
-                if let Some(n) = e.limit {
-                    ds = ds.take(n);
-                }
-                let data = Encoder::new(&loaded.tokenizer, task, cfg.local.max_len).encode_all(&ds)?;
-                Some(Mutex::new(Evaluator {
-                    model: model.clone(),
-                    data,
-                    batch_size: e.batch_size,
-                    pad: loaded.tokenizer.pad_id(),
-                }))
-            }
+            Some(e) => Some(Evaluator::new(e, &model, &loaded.tokenizer, cfg.local.max_len)?),
             None => None,
         };
+        if let (Some(ev), false) = (&evaluator, resume) {
+            evaluate_start(ev, &loaded.model, &spec, &cfg.state_dir, opts.print_rounds)?;
+        }
+        let evaluator = evaluator.map(Mutex::new);
         Self::assemble(
             cfg,
             opts,
@@ -685,6 +747,13 @@ impl Coordinator {
             wire_bytes: wire,
             analytic_min_bytes: payload,
         };
+        // A round that opened while this client was still downloading the init must not count that download a
+        // second time in its wire bytes: the round's baseline for the client moves to now (a client asks for its
+        // task only once it has the init).
+        let now = self.wire_totals(client);
+        if let Some(at_open) = lock(&self.pending).wire_at_open.get_mut(client) {
+            *at_open = (at_open.0.max(now.0), at_open.1.max(now.1));
+        }
         let row = ledger_row(&entry);
         lock(&self.init_ledger).push(entry);
         if let Err(e) = self.store().add_ledger(&self.run_id, &[row]) {
@@ -796,6 +865,33 @@ impl Coordinator {
         }
     }
 
+    /// A client process this coordinator started itself died (a local federation, see `local.rs`): a client
+    /// that had joined leaves the run as if it had called `Leave` with `reason` (the others go on when they still
+    /// make the quorum, else the run stops saying why); one that never joined stops the run, whose rounds would
+    /// otherwise wait for it. Returns false, changing nothing, while a round is being persisted: call again.
+    pub fn client_died(self: &Arc<Self>, client: &str, reason: &str) -> bool {
+        let _events = self.event_guard();
+        let mut engine = self.engine();
+        if engine.outcome().is_some() {
+            return true;
+        }
+        if engine.is_closing() {
+            return false;
+        }
+        if engine.clients().contains_key(client) {
+            let ev = engine.leave(client, reason, now_ms());
+            drop(engine);
+            tracing::warn!("{client} left the run: {reason}");
+            self.handle(ev);
+        } else {
+            engine.abort(format!("{client} stopped before joining the run: {reason}"));
+            drop(engine);
+            tracing::error!("{client} stopped before joining the run: {reason}");
+        }
+        self.after_phase_change();
+        true
+    }
+
     fn after_phase_change(&self) {
         if self.engine().outcome().is_some() {
             self.finish_run();
@@ -863,7 +959,7 @@ impl Coordinator {
                     ev.model.fold_into_base(&deltas)?;
                 }
                 ev.model.load_trainable(&self.round_start(&c.global))?;
-                Some(evaluate(&ev.model, &ev.data, ev.batch_size, ev.pad)?)
+                Some(ev.evaluate(&ev.model)?)
             }
             None => None,
         };
@@ -954,13 +1050,7 @@ impl Coordinator {
     }
 
     fn print_round(&self, m: &RoundMetrics) {
-        let eval = match &m.eval {
-            Some(e) => match e.accuracy {
-                Some(a) => format!("held-out accuracy {:.2}% (loss {:.4})", 100.0 * a, e.loss),
-                None => format!("held-out loss {:.4}", e.loss),
-            },
-            None => "no evaluation".into(),
-        };
+        let eval = m.eval.as_ref().map_or_else(|| "no evaluation".into(), describe_eval);
         let line = format!(
             "round {}/{}: {} clients (lost {}), mean local loss {}, {eval}, up {} / down {} per client (min {}), wire up {} down {}, {:.1}s",
             m.round,
@@ -1082,6 +1172,42 @@ impl Coordinator {
             }
         }
     }
+}
+
+/// What the held-out data says before any round: the starting global (the model every client starts round 1
+/// from) and, for LoRA-SB, the base model without adapters — LoRA-SB's init already moves the model
+/// (`R0 = Σ_r`, a step of size η), unlike LoRA's `B = 0`. Printed (or logged) and written to
+/// `STATE/eval_start.json`.
+fn evaluate_start(ev: &Evaluator, base: &Model, spec: &ClientSpec, state_dir: &Path, print: bool) -> Result<()> {
+    let t = std::time::Instant::now();
+    let start = ev.evaluate(&ev.model).context("evaluating the starting global")?;
+    let base = if spec.adapter.kind == AdapterKind::LoraSb {
+        Some(evaluate(base, &ev.data, ev.batch_size, ev.pad).context("evaluating the base model")?)
+    } else {
+        None
+    };
+    let line = match &base {
+        Some(b) => format!(
+            "before round 1: {} of the starting global (the LoRA-SB init); the base model without adapters: {} \
+             ({:.1}s)",
+            describe_eval(&start),
+            describe_eval(b),
+            t.elapsed().as_secs_f64()
+        ),
+        None => format!(
+            "before round 1: {} of the starting global ({:.1}s)",
+            describe_eval(&start),
+            t.elapsed().as_secs_f64()
+        ),
+    };
+    if print {
+        println!("{line}");
+    } else {
+        tracing::info!("{line}");
+    }
+    let path = state_dir.join("eval_start.json");
+    let json = serde_json::json!({ "start": start, "base": base });
+    std::fs::write(&path, serde_json::to_string_pretty(&json)?).with_context(|| format!("writing {}", path.display()))
 }
 
 /// The store's row for a ledger entry.

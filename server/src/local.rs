@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use fedsb_common::train::Dataset;
+use fedsb_common::spec::LocalTraining;
 use fedsb_common::train::data::Example;
 use fedsb_common::train::partition::{dirichlet_split, iid_split};
+use fedsb_common::train::{Dataset, LrSchedule};
 
 use crate::certs::{make_dev_certs, write_dev_certs};
 use crate::config::RunConfig;
@@ -56,6 +57,85 @@ pub struct LocalFederation {
     pub client_args: Vec<String>,
 }
 
+/// Watches the client processes until they have all exited (or, once the run is over, 60 s have passed; the
+/// stragglers are then killed). A client that fails while the run goes on is reported to the coordinator
+/// ([`Coordinator::client_died`]) with the end of its log, so the run does not wait for it until a deadline.
+/// Returns each client's exit status (`None`: killed).
+fn watch_clients(
+    mut children: Vec<Child>,
+    coord: &Arc<Coordinator>,
+    work_dir: &Path,
+) -> Result<Vec<Option<std::process::ExitStatus>>> {
+    let mut status: Vec<Option<std::process::ExitStatus>> = vec![None; children.len()];
+    let mut reported = vec![false; children.len()];
+    let mut ended_at: Option<std::time::Instant> = None;
+    loop {
+        for (i, ch) in children.iter_mut().enumerate() {
+            if status[i].is_none() {
+                status[i] = ch.try_wait()?;
+            }
+            if let Some(s) = status[i]
+                && !s.success()
+                && !reported[i]
+            {
+                let log = work_dir.join(format!("client-{}.log", i + 1));
+                let reason = format!("its process exited with {s}; {}", log_tail(&log));
+                reported[i] = coord.client_died(&format!("client-{}", i + 1), &reason);
+            }
+        }
+        if status.iter().all(Option::is_some) {
+            return Ok(status);
+        }
+        if coord.engine().outcome().is_some() {
+            // Clients leave by themselves once they learn the outcome; do not wait for ever.
+            let t = *ended_at.get_or_insert_with(std::time::Instant::now);
+            if t.elapsed() > Duration::from_secs(60) {
+                for (i, ch) in children.iter_mut().enumerate() {
+                    if status[i].is_none() {
+                        ch.kill()?;
+                        ch.wait()?;
+                    }
+                }
+                return Ok(status);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// What a client's log says about its end, for a message: its last error (`Error: …` with its causes, without
+/// a backtrace), else its last lines; and where the log is.
+fn log_tail(log: &Path) -> String {
+    let Ok(text) = std::fs::read_to_string(log) else { return format!("see {}", log.display()) };
+    let end = match text.rfind("Error: ") {
+        Some(i) => {
+            let err = &text[i..];
+            err.find("Stack backtrace:").map_or(err, |j| &err[..j]).to_string()
+        }
+        None => {
+            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            lines[lines.len().saturating_sub(3)..].join(" | ")
+        }
+    };
+    let end = end.split_whitespace().collect::<Vec<_>>().join(" ");
+    let end: String = if end.chars().count() > 400 {
+        format!("…{}", end.chars().skip(end.chars().count() - 400).collect::<String>())
+    } else {
+        end
+    };
+    format!("{end} (log: {})", log.display())
+}
+
+/// The LoRA-SB init's step size η that the paper's code would use if the clients' `examples` training examples
+/// were one dataset: the first learning rate of `local`'s schedule (peak, warm-up ratio, shape) stretched over
+/// one pass of them in batches of `local.batch_size`, i.e. `lr / ⌈warmup_ratio · examples / batch_size⌉` (the
+/// peak rate without warm-up). The coordinator's default, the first rate of one round's schedule, is the peak
+/// rate on rounds of a few steps.
+pub fn paper_init_eta(local: &LocalTraining, examples: usize) -> f64 {
+    let steps = examples.div_ceil(local.batch_size.max(1)).max(1);
+    LrSchedule::new(local.lr, local.warmup_ratio, steps, local.schedule).first_lr()
+}
+
 fn write_jsonl(path: &Path, examples: &[&Example]) -> Result<()> {
     let mut out = String::new();
     for e in examples {
@@ -93,7 +173,11 @@ impl LocalFederation {
                     .iter()
                     .map(|e| match e {
                         Example::Classification { label, .. } => Ok(*label),
-                        _ => Err(anyhow::anyhow!("a Dirichlet split needs labelled (classification) data")),
+                        _ => Err(anyhow::anyhow!(
+                            "a Dirichlet split skews the shards by label, and {} has unlabelled (prompt/response or \
+                             text) examples: split it IID",
+                            self.train.display()
+                        )),
                     })
                     .collect::<Result<_>>()?;
                 dirichlet_split(&labels, self.clients, alpha, seed)?
@@ -112,7 +196,11 @@ impl LocalFederation {
                     *m.entry(l).or_default() += 1;
                     m
                 });
-            tracing::info!("client-{}: {} examples, labels {:?}", i + 1, ex.len(), labels);
+            if labels.is_empty() {
+                tracing::info!("client-{}: {} examples", i + 1, ex.len());
+            } else {
+                tracing::info!("client-{}: {} examples, labels {:?}", i + 1, ex.len(), labels);
+            }
         }
         let mut cfg = self.config.clone();
         if let Some(dp) = &mut cfg.dp
@@ -129,9 +217,7 @@ impl LocalFederation {
         if let Some(e) = &self.eval {
             match &mut cfg.eval {
                 Some(ev) => ev.data = e.clone(),
-                None => {
-                    cfg.eval = Some(crate::config::EvalSection { data: e.clone(), limit: None, batch_size: 32 });
-                }
+                None => cfg.eval = Some(crate::config::EvalSection::new(e.clone(), None, 32)),
             }
         }
         cfg.validate()?;
@@ -197,20 +283,18 @@ impl LocalFederation {
         for i in 1..=self.clients {
             children.push(self.spawn_client(i, addr)?);
         }
-        server.await??;
-        for (i, mut ch) in children.into_iter().enumerate() {
-            let status = tokio::task::spawn_blocking(move || {
-                // Clients leave by themselves once they learn the outcome; do not wait for ever.
-                for _ in 0..600 {
-                    if let Some(s) = ch.try_wait()? {
-                        return Ok::<_, std::io::Error>(Some(s));
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                ch.kill()?;
-                Ok(None)
-            })
-            .await??;
+        let watcher = {
+            let (c, w) = (coord.clone(), w.clone());
+            tokio::task::spawn_blocking(move || watch_clients(children, &c, &w))
+        };
+        let served = server.await.map_err(anyhow::Error::from).and_then(|r| r);
+        if let Err(e) = &served {
+            // The clients cannot finish without it: end the run so the watcher stops them.
+            coord.engine().abort(format!("the coordinator stopped serving: {e:#}"));
+        }
+        let statuses = watcher.await??;
+        served?;
+        for (i, status) in statuses.into_iter().enumerate() {
             match status {
                 Some(s) if s.success() => {}
                 Some(s) => tracing::warn!(
@@ -268,5 +352,40 @@ impl LocalFederation {
         println!("run {}: {}", outcome.status, outcome.message);
         println!("metrics: {}, ledger: {}", w.join("state/metrics.jsonl").display(), w.join("ledger.jsonl").display());
         Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_clients_log_gives_its_error_without_the_backtrace() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("client-1.log");
+        std::fs::write(
+            &log,
+            "[client-1] joined run r (12 examples)\nError: --dtype\n\nCaused by:\n    unknown weight format `x`\n\n\
+             Stack backtrace:\n   0: std::backtrace\n   1: main\n",
+        )
+        .unwrap();
+        let t = log_tail(&log);
+        assert!(t.starts_with("Error: --dtype Caused by: unknown weight format `x` (log: "), "{t}");
+        std::fs::write(&log, "a\n\nb\nc\nd\n").unwrap();
+        assert!(log_tail(&log).starts_with("b | c | d (log: "), "{}", log_tail(&log));
+        assert!(log_tail(&dir.path().join("missing.log")).starts_with("see "));
+    }
+
+    #[test]
+    fn the_paper_init_step_warms_up_over_one_pass_of_the_clients_data() {
+        let local = LocalTraining { lr: 2e-3, warmup_ratio: 0.06, batch_size: 4, ..Default::default() };
+        // 936 examples in batches of 4: 234 steps, ⌈0.06 · 234⌉ = 15 warm-up steps.
+        assert!((paper_init_eta(&local, 936) - 2e-3 / 15.0).abs() < 1e-15);
+        // The paper's GSM8K setting: 1,000 problems in batches of 3, 5% warm-up → ⌈16.7⌉ = 17 steps.
+        let paper = LocalTraining { warmup_ratio: 0.05, batch_size: 3, ..local.clone() };
+        assert!((paper_init_eta(&paper, 1000) - 2e-3 / 17.0).abs() < 1e-15);
+        // No warm-up, or no data: Adam's first step is the peak rate.
+        assert_eq!(paper_init_eta(&LocalTraining { warmup_ratio: 0.0, ..local.clone() }, 936), 2e-3);
+        assert_eq!(paper_init_eta(&local, 0), 2e-3);
     }
 }

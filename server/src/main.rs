@@ -25,7 +25,8 @@ enum Command {
     /// Make a development CA, a server certificate and client certificates.
     Certs(CertsArgs),
     /// Run a whole federation on this machine: the coordinator and N client processes on loopback (TLS),
-    /// the real MiniLM model and Rotten Tomatoes split across the clients.
+    /// the training data split across the clients (default: MiniLM and Rotten Tomatoes; a causal LM such as
+    /// SmolLM2 with prompt/response data such as GSM8K via --model/--train/--eval).
     Local(Box<LocalArgs>),
     /// Coordinator load benchmark: many concurrent simulated clients submit Fed-SB updates of a large adapter
     /// (default: Llama-3.2-3B-sized, r=64 on 7 modules × 28 layers = 802,816 values) over TLS on loopback;
@@ -169,18 +170,41 @@ struct LocalArgs {
     /// Held-out data the coordinator evaluates on (default: Rotten Tomatoes test).
     #[arg(long)]
     eval: Option<PathBuf>,
-    /// Examples the coordinator evaluates each round (0: all).
-    #[arg(long, default_value_t = 1000)]
-    eval_limit: usize,
+    /// Examples the coordinator evaluates each round (0: all; default 1000 for labelled data, 64 for
+    /// prompt/response or text data, whose held-out loss costs a forward pass of a causal LM per example).
+    #[arg(long)]
+    eval_limit: Option<usize>,
+    /// Batch size of the coordinator's evaluation (default: --batch-size).
+    #[arg(long)]
+    eval_batch_size: Option<usize>,
+    /// Causal LMs with prompt/response data: each round (and before the first) also greedy-decode the first N
+    /// evaluated examples and report the exact match of their final answer (`#### N`) with the reference.
+    /// Decoding is slow on a CPU (hundreds of tokens per example): keep N small. 0: off.
+    #[arg(long, default_value_t = 0)]
+    exact_match: usize,
+    /// Longest generated answer for --exact-match, in tokens.
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
     /// `iid`, or `dirichlet` (non-IID by label, see --dirichlet-alpha).
     #[arg(long, default_value = "iid")]
     split: String,
     /// Concentration of the Dirichlet split (smaller: more skewed).
     #[arg(long, default_value_t = 0.5)]
     dirichlet_alpha: f64,
-    /// First examples of the training data kept as the coordinator's public data for the LoRA-SB init.
-    #[arg(long, default_value_t = 256)]
-    public_examples: usize,
+    /// First examples of the training data kept as the coordinator's public data for the LoRA-SB init and given
+    /// to no client (default: 256 for labelled data, 64 for prompt/response or text data).
+    #[arg(long)]
+    public_examples: Option<usize>,
+    /// LoRA-SB init: public examples in the gradient estimate (default: one --batch-size batch).
+    #[arg(long)]
+    init_samples: Option<usize>,
+    /// LoRA-SB init: step size η of the approximated first update `−η·sign(G)`. Default for labelled data: the
+    /// first local step's learning rate. For prompt/response or text data: what the paper's code would use with
+    /// the clients' data as one dataset, Adam's first step under the warm-up of one pass over it in batches of
+    /// --batch-size (lr / ⌈warmup-ratio · examples / batch-size⌉) — on short rounds a round's first rate is the
+    /// peak rate, and that step costs a causal LM more than a few rounds recover (see README "Results").
+    #[arg(long)]
+    init_eta: Option<f64>,
     /// Format of the frozen base weights, for the coordinator and every client: auto (as the checkpoint stores
     /// them), f32, bf16, f16, or a GGUF block format (q8_0, q4_0, q4_k, ...).
     #[arg(long, default_value = "auto")]
@@ -197,6 +221,10 @@ struct LocalArgs {
     /// Adapter rank.
     #[arg(long, default_value_t = 16)]
     rank: usize,
+    /// Adapted modules, comma-separated (default: q,k,v,o,gate,up,down for Llama-style models;
+    /// query,value,attention.output.dense,output.dense for BERT).
+    #[arg(long, value_delimiter = ',')]
+    targets: Option<Vec<String>>,
     /// Local optimizer steps per round.
     #[arg(long, default_value_t = 40)]
     local_steps: usize,
@@ -433,11 +461,28 @@ fn local(a: LocalArgs) -> Result<()> {
             );
         }
     }
+    // The data's task picks the defaults: a causal LM's evaluation and init cost far more per example.
+    let train_ds = fedsb_common::train::Dataset::load_jsonl(&train).context("the training data")?;
+    let task = train_ds.task();
+    let labelled = task == fedsb_common::model::TaskKind::Classification;
     let split = match a.split.as_str() {
         "iid" => Split::Iid,
+        "dirichlet" if !labelled => bail!(
+            "--split dirichlet skews the shards by label, and {} has no labels (prompt/response or text data): use \
+             --split iid",
+            train.display()
+        ),
         "dirichlet" => Split::Dirichlet(a.dirichlet_alpha),
         o => bail!("unknown --split `{o}` (iid, dirichlet)"),
     };
+    let public_examples = a.public_examples.unwrap_or(if labelled { 256 } else { 64 });
+    let eval_limit = a.eval_limit.unwrap_or(if labelled { 1000 } else { 64 });
+    if a.exact_match > 0 && labelled {
+        bail!("--exact-match scores generated answers of a causal LM; {} is labelled data", train.display());
+    }
+    if a.init_eta.is_some_and(|e| !(e.is_finite() && e > 0.0)) {
+        bail!("--init-eta must be a positive number");
+    }
     let client_exe = match a.client_exe.clone() {
         Some(p) => p,
         None => std::env::current_exe()?.with_file_name("fedsb-client"),
@@ -457,6 +502,23 @@ fn local(a: LocalArgs) -> Result<()> {
         warmup_ratio: a.warmup_ratio,
         ..Default::default()
     };
+    // A causal LM's init step: by default the one of the paper's code over the clients' data (see
+    // `paper_init_eta`); the coordinator's own default, a round's first learning rate, is the peak rate on short
+    // rounds and costs SmolLM2 more than a few rounds recover. Labelled data keeps the coordinator's default.
+    let init_eta = match a.init_eta {
+        Some(e) => Some(e),
+        None if !labelled => {
+            let examples = train_ds.len().saturating_sub(public_examples);
+            let eta = fedsb_server::local::paper_init_eta(&local, examples);
+            tracing::info!(
+                "LoRA-SB init step η = {eta:.3e}: lr / warm-up steps of one pass over the clients' {examples} examples \
+                 in batches of {} (--init-eta sets it)",
+                a.batch_size
+            );
+            Some(eta)
+        }
+        None => None,
+    };
     let config = RunConfig {
         rounds: a.rounds,
         clients_per_round: ClientsPerRound::Count(a.clients),
@@ -472,13 +534,13 @@ fn local(a: LocalArgs) -> Result<()> {
         max_update_bytes: None,
         state_dir: a.work_dir.join("state"),
         model: ModelSection { path: model.clone(), sha256: None, num_labels: 2, dtype: a.dtype.clone() },
-        adapter: AdapterSection { rank: a.rank, alpha: None, targets: None },
+        adapter: AdapterSection { rank: a.rank, alpha: None, targets: a.targets.clone() },
         local,
         init: InitSection {
             data: a.work_dir.join("data/public.jsonl"),
-            samples: Some(a.batch_size.min(a.public_examples)),
+            samples: Some(a.init_samples.unwrap_or(a.batch_size).min(public_examples)),
             batch_size: a.batch_size,
-            eta: None,
+            eta: init_eta,
             power_iters: 6,
             oversample: 8,
             private: a.init_data_private,
@@ -486,8 +548,10 @@ fn local(a: LocalArgs) -> Result<()> {
         },
         eval: Some(EvalSection {
             data: eval.clone(),
-            limit: (a.eval_limit > 0).then_some(a.eval_limit),
-            batch_size: 32,
+            limit: (eval_limit > 0).then_some(eval_limit),
+            batch_size: a.eval_batch_size.unwrap_or(a.batch_size),
+            exact_match: a.exact_match,
+            max_new_tokens: a.max_new_tokens,
         }),
         dp: a.dp_epsilon.map(|eps| fedsb_common::dp::DpSpec {
             max_grad_norm: a.dp_max_grad_norm,
@@ -507,7 +571,7 @@ fn local(a: LocalArgs) -> Result<()> {
         model,
         train,
         eval: Some(eval),
-        public_examples: a.public_examples,
+        public_examples,
         split,
         config,
         work_dir: a.work_dir.clone(),

@@ -297,6 +297,11 @@ impl RoundEngine {
         }
     }
 
+    /// Whether a closed round is being persisted (its aggregate not yet committed).
+    pub fn is_closing(&self) -> bool {
+        matches!(self.phase, Phase::Closing { .. })
+    }
+
     /// A one-line description of the phase (status output).
     pub fn phase_summary(&self) -> String {
         match &self.phase {

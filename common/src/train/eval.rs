@@ -19,6 +19,9 @@ pub struct EvalReport {
     pub examples: usize,
     /// Accuracy (classification).
     pub accuracy: Option<f64>,
+    /// Exact match of greedily decoded final answers (causal LMs, where it was computed: see [`exact_match`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exact_match: Option<ExactMatchReport>,
 }
 
 /// Mean loss and accuracy of `model` on `data`, in batches of `batch_size`.
@@ -44,6 +47,7 @@ pub fn evaluate(model: &Model, data: &[Encoded], batch_size: usize, pad_id: u32)
         count,
         examples: data.len(),
         accuracy: any_acc.then(|| correct as f64 / data.len() as f64),
+        exact_match: None,
     })
 }
 
