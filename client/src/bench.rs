@@ -588,7 +588,7 @@ pub(crate) fn emit(json: bool, v: serde_json::Value) {
             g("weight_formats").as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default();
         println!(
             "{:<7} {:<8} step {}x{} r={:<3}: median {:>8.1} ms (min {:.1}), {:>7.0} tokens/s, peak RSS {:.0} MiB; \
-             frozen weights {} ({}) = {:.2}x below peak RSS",
+             frozen weights {} ({}), peak RSS = {:.2}x the frozen weights",
             g("model").as_str().unwrap_or(""),
             g("adapter").as_str().unwrap_or(""),
             g("batch"),

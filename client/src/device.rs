@@ -13,7 +13,8 @@ pub struct WeightArgs {
     #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// What the products with bf16/f16/quantized weights compute in: `auto` (bf16 inputs with f32
-    /// accumulation where the CPU has bf16 units — AMX or AVX-512 BF16 — else f32), `f32`, or `bf16`.
+    /// accumulation where the CPU has bf16 units faster than its f32 ones — AMX through MKL, or AVX-512 BF16
+    /// on AMD — else f32), `f32`, or `bf16` (on any bf16 units).
     #[arg(long, default_value = "auto", env = "FEDSB_COMPUTE_DTYPE")]
     pub compute_dtype: String,
     /// Recompute each transformer block in the backward instead of keeping its activations: `auto` (on for

@@ -210,7 +210,7 @@ struct LocalArgs {
     #[arg(long, default_value = "auto")]
     dtype: String,
     /// What products with bf16/f16/quantized weights compute in, for the coordinator and every client: auto
-    /// (bf16 where the CPU has bf16 units), f32, bf16.
+    /// (bf16 where the CPU has fast bf16 units: AMX, or AVX-512 BF16 on AMD), f32, bf16.
     #[arg(long, default_value = "auto", env = "FEDSB_COMPUTE_DTYPE")]
     compute_dtype: String,
     /// Method: fedsb (LoRA-SB, R averaged), or the baselines fedit (LoRA, A and B averaged), ffa-lora (LoRA
@@ -315,8 +315,8 @@ struct RunArgs {
     /// Continue the latest run in the state folder from its last completed round.
     #[arg(long)]
     resume: bool,
-    /// What the products with bf16/f16/quantized frozen weights compute in: auto (bf16 where the CPU has bf16
-    /// units), f32, bf16. The weights' format is `[model] dtype` of the config.
+    /// What the products with bf16/f16/quantized frozen weights compute in: auto (bf16 where the CPU has fast bf16
+    /// units: AMX, or AVX-512 BF16 on AMD), f32, bf16. The weights' format is `[model] dtype` of the config.
     #[arg(long, default_value = "auto", env = "FEDSB_COMPUTE_DTYPE")]
     compute_dtype: String,
     /// Override `rounds` of the config.

@@ -337,8 +337,8 @@ impl FrozenWeight {
 /// GEMM inputs change.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ComputeDtype {
-    /// bf16 GEMMs (inputs rounded to bf16, f32 accumulation) where the CPU has bf16 units (AMX, AVX-512 BF16),
-    /// else f32.
+    /// bf16 GEMMs (inputs rounded to bf16, f32 accumulation) where the CPU has bf16 units that beat its f32
+    /// GEMM (AMX through MKL; AVX-512 BF16 on AMD, see [`crate::bf16_gemm::beats_f32`]), else f32.
     #[default]
     Auto,
     /// f32 GEMMs: compact weights are dequantized to f32 tiles.

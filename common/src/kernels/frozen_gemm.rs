@@ -71,7 +71,16 @@ pub(crate) fn engine() -> Engine {
     }
     match crate::frozen::compute_dtype() {
         ComputeDtype::F32 => Engine::F32,
-        ComputeDtype::Auto | ComputeDtype::Bf16 => {
+        ComputeDtype::Auto => {
+            if amx_bf16_available() {
+                Engine::Bf16Mkl
+            } else if crate::bf16_gemm::beats_f32() {
+                Engine::Bf16Avx512
+            } else {
+                Engine::F32
+            }
+        }
+        ComputeDtype::Bf16 => {
             if amx_bf16_available() {
                 Engine::Bf16Mkl
             } else if crate::bf16_gemm::available() {
