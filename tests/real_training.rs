@@ -36,7 +36,7 @@ fn init_cfg(samples: usize) -> InitConfig {
 fn assert_all_grads(model: &Model, batch: &Batch) {
     let vars = model.trainable();
     assert!(!vars.is_empty());
-    let grads = batch_loss(model, batch).unwrap().loss.backward().unwrap();
+    let grads = fedsb_common::recompute::backward(&batch_loss(model, batch).unwrap().loss).unwrap();
     for (name, v) in &vars {
         let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("`{name}` got no gradient"));
         let n = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
@@ -77,6 +77,20 @@ fn every_trainable_tensor_of_every_adapter_gets_a_gradient() {
     let (init, rep) = lora_sb_init(&mut m, &cfg, &data, &init_cfg(2), smol.tokenizer.pad_id(), &mut |_, _| {}).unwrap();
     assert_eq!(rep.layers, 30 * 7, "every adapted layer of SmolLM2 gets an init");
     assert_eq!(init.len(), 3 * 30 * 7);
+    m.attach_adapters(&cfg, Some(&init)).unwrap();
+    assert_all_grads(&m, &batch);
+    // The same through block recomputation (the billion-parameter default), and in bf16 compute.
+    assert!(m.set_recompute(true));
+    assert_all_grads(&m, &batch);
+    with_compute_dtype(ComputeDtype::Bf16, || assert_all_grads(&m, &batch));
+
+    // bf16 frozen weights (the checkpoint converted), LoRA-SB on every BERT module.
+    let bert = load_as(&a.minilm(), "bf16");
+    let data = encode(&bert, &a, "rotten-tomatoes/train.jsonl", 4, 32);
+    let batch = Batch::collate(&data.iter().collect::<Vec<_>>(), bert.tokenizer.pad_id(), &Device::Cpu).unwrap();
+    let mut m = bert.model.clone();
+    let cfg = AdapterConfig::new(AdapterKind::LoraSb, 4, &all_bert);
+    let (init, _) = lora_sb_init(&mut m, &cfg, &data, &init_cfg(4), bert.tokenizer.pad_id(), &mut |_, _| {}).unwrap();
     m.attach_adapters(&cfg, Some(&init)).unwrap();
     assert_all_grads(&m, &batch);
 }
@@ -176,10 +190,44 @@ fn load_as(path: &std::path::Path, dtype: &str) -> LoadedModel {
     load_model(path, &Device::Cpu, &LoadOptions { dtype, ..LoadOptions::default() }).unwrap()
 }
 
+/// One LoRA-SB training run from `init` on `path` loaded as `dtype`, its products in `compute`: checks every
+/// trainable tensor gets a gradient and the held-out loss falls; returns the loss after.
+#[allow(clippy::too_many_arguments)]
+fn train_on(
+    path: &std::path::Path,
+    dtype: &str,
+    compute: ComputeDtype,
+    cfg: &AdapterConfig,
+    init: &fedsb_common::tensors::TensorSet,
+    data: (&[Encoded], &[Encoded]),
+    tc: &TrainConfig,
+    eval_batch: usize,
+) -> f64 {
+    with_compute_dtype(compute, || {
+        let l = load_as(path, dtype);
+        let pad = l.tokenizer.pad_id();
+        let mut m = l.model.clone();
+        m.attach_adapters(cfg, Some(init)).unwrap();
+        let batch = Batch::collate(&data.0[..2].iter().collect::<Vec<_>>(), pad, &Device::Cpu).unwrap();
+        assert_all_grads(&m, &batch);
+        let before = evaluate(&m, data.1, eval_batch, pad).unwrap().loss;
+        train(&m, data.0, tc, pad, &mut |_| {}).unwrap();
+        let after = evaluate(&m, data.1, eval_batch, pad).unwrap().loss;
+        eprintln!(
+            "{} LoRA-SB on {dtype} weights, {compute:?} products: loss {before:.4} -> {after:.4}",
+            path.display()
+        );
+        assert!(after < before, "{dtype} ({compute:?}): held-out loss {before} -> {after}");
+        after
+    })
+}
+
 /// The same LoRA-SB training (one init blob, the same batches) with the frozen weights as stored, widened to
-/// f32, or converted to bf16 / q8_0 from the real checkpoints: every trainable tensor gets a gradient, the
-/// training lowers the held-out loss, and the loss after it is within 1 % of the f32 run's (with the products
-/// in this CPU's default: bf16 where it has bf16 units).
+/// f32, or converted to bf16 / q8_0 from the real checkpoints. With f32 products (compact weights dequantized
+/// tile by tile) the loss after training is within 1 % of the f32 weights' run: the formats hold the weights
+/// faithfully. With bf16 products (where the CPU has bf16 units, else f32 again) every run still learns and
+/// lands within 5 % of it: bf16 inputs move a freshly initialized LoRA-SB model's loss by 1–3 % on SmolLM2
+/// (its init is one large sign step, and the LM head's logits are large), 0.2 % for the base model.
 #[test]
 fn training_on_compact_weights_matches_f32() {
     let Some(a) = assets() else { return };
@@ -193,23 +241,14 @@ fn training_on_compact_weights_matches_f32() {
     let mut m0 = base.model.clone();
     let (init, _) = lora_sb_init(&mut m0, &cfg, &train_data, &init_cfg(32), pad, &mut |_, _| {}).unwrap();
     let tc = TrainConfig { lr: 5e-3, max_steps: Some(8), batch_size: 32, warmup_ratio: 0.0, ..Default::default() };
-    let batch = Batch::collate(&train_data[..8].iter().collect::<Vec<_>>(), pad, &Device::Cpu).unwrap();
-    let mut losses = Vec::new();
-    for dtype in ["f32", "bf16", "q8_0"] {
-        let l = load_as(&a.minilm(), dtype);
-        let mut m = l.model.clone();
-        m.attach_adapters(&cfg, Some(&init)).unwrap();
-        assert_all_grads(&m, &batch);
-        let before = evaluate(&m, &test_data, 64, pad).unwrap().loss;
-        train(&m, &train_data, &tc, pad, &mut |_| {}).unwrap();
-        let after = evaluate(&m, &test_data, 64, pad).unwrap().loss;
-        eprintln!("MiniLM LoRA-SB on {dtype} weights: held-out loss {before:.4} -> {after:.4}");
-        assert!(after < before, "{dtype}: held-out loss {before} -> {after}");
-        losses.push((dtype, after));
-    }
-    for (dtype, loss) in &losses[1..] {
-        let rel = (loss - losses[0].1).abs() / losses[0].1;
-        assert!(rel < 0.01, "MiniLM on {dtype} weights: loss {loss} vs f32's {} ({:.2} %)", losses[0].1, rel * 100.0);
+    let data = (&train_data[..], &test_data[..]);
+    let f32_loss = train_on(&a.minilm(), "f32", ComputeDtype::F32, &cfg, &init, data, &tc, 64);
+    for (dtype, compute, tol) in
+        [("bf16", ComputeDtype::F32, 0.01), ("q8_0", ComputeDtype::F32, 0.01), ("bf16", ComputeDtype::Bf16, 0.05)]
+    {
+        let loss = train_on(&a.minilm(), dtype, compute, &cfg, &init, data, &tc, 64);
+        let rel = (loss - f32_loss).abs() / f32_loss;
+        assert!(rel < tol, "MiniLM on {dtype} ({compute:?}): loss {loss} vs f32's {f32_loss} ({:.2} %)", rel * 100.0);
     }
 
     // SmolLM2: the Q4_1 checkpoint as stored, widened to f32, and as bf16.
@@ -220,22 +259,16 @@ fn training_on_compact_weights_matches_f32() {
     let mut m0 = smol.model.clone();
     let (init, _) = lora_sb_init(&mut m0, &cfg, &data, &init_cfg(4), pad, &mut |_, _| {}).unwrap();
     let tc = TrainConfig { lr: 5e-3, max_steps: Some(4), batch_size: 4, warmup_ratio: 0.0, ..Default::default() };
-    let batch = Batch::collate(&data[..2].iter().collect::<Vec<_>>(), pad, &Device::Cpu).unwrap();
-    let mut losses = Vec::new();
-    for dtype in ["f32", "auto", "bf16"] {
-        let l = load_as(&a.smollm_gguf(), dtype);
-        let mut m = l.model.clone();
-        m.attach_adapters(&cfg, Some(&init)).unwrap();
-        assert_all_grads(&m, &batch);
-        let before = evaluate(&m, &data, 4, pad).unwrap().loss;
-        train(&m, &data, &tc, pad, &mut |_| {}).unwrap();
-        let after = evaluate(&m, &data, 4, pad).unwrap().loss;
-        eprintln!("SmolLM2 LoRA-SB on {dtype} weights: response loss {before:.4} -> {after:.4}");
-        assert!(after < before, "{dtype}: loss {before} -> {after}");
-        losses.push((dtype, after));
-    }
-    for (dtype, loss) in &losses[1..] {
-        let rel = (loss - losses[0].1).abs() / losses[0].1;
-        assert!(rel < 0.01, "SmolLM2 on {dtype} weights: loss {loss} vs f32's {} ({:.2} %)", losses[0].1, rel * 100.0);
+    let data = (&data[..], &data[..]);
+    let f32_loss = train_on(&a.smollm_gguf(), "f32", ComputeDtype::F32, &cfg, &init, data, &tc, 4);
+    for (dtype, compute, tol) in [
+        ("auto", ComputeDtype::F32, 0.01),
+        ("bf16", ComputeDtype::F32, 0.01),
+        ("auto", ComputeDtype::Bf16, 0.05),
+        ("bf16", ComputeDtype::Bf16, 0.05),
+    ] {
+        let loss = train_on(&a.smollm_gguf(), dtype, compute, &cfg, &init, data, &tc, 4);
+        let rel = (loss - f32_loss).abs() / f32_loss;
+        assert!(rel < tol, "SmolLM2 on {dtype} ({compute:?}): loss {loss} vs f32's {f32_loss} ({:.2} %)", rel * 100.0);
     }
 }
