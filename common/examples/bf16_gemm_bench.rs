@@ -13,7 +13,8 @@
 //! - `+packB+A32`: packing B from f32 W and A given in f32 (`gemm_f32a`: rounded while packed) — the whole cost
 //!   from f32 inputs;
 //! - `+packB16+A32`: packing B from bf16 W (the bf16 weights' path), A in f32;
-//! - `faer`, `mkl`: f32 `A·Wᵀ` (faer's `matmul` with `Par::Seq`; MKL's sequential `cblas_sgemm`).
+//! - `faer`, `mkl`: f32 `A·Wᵀ` (faer's `matmul` with `Par::Seq`; MKL's sequential `cblas_sgemm`);
+//! - `mkl-bf16`: MKL's `cblas_gemm_bf16bf16f32` on the bf16 A and W (AMX where the CPU has it), where MKL has it.
 //!
 //! Then the packing rates alone (ns per element of B) for the four packers.
 use faer::{Accum, MatMut, MatRef, Par};
@@ -121,6 +122,7 @@ enum Variant {
     PackB16A32,
     Faer,
     Mkl,
+    MklBf16,
 }
 
 /// Median GFLOP/s of one variant on `parts` column parts (each on its own thread of the two-thread `pool`).
@@ -176,6 +178,25 @@ fn run(x: &Inputs, v: Variant, parts: usize, pool: &rayon::ThreadPool, min_time:
                         x.a32.as_ptr(),
                         (k, false),
                         w32.as_ptr(),
+                        (k, true),
+                        0.0,
+                        cp.at(s),
+                        n,
+                    )
+                };
+                fedsb_common::simd::clear_upper_simd_state();
+            }
+            Variant::MklBf16 => {
+                let mkl = mkl.expect("MKL loaded");
+                unsafe {
+                    mkl.gemm_bf16_rm(
+                        m,
+                        e - s,
+                        k,
+                        1.0,
+                        x.a16.as_ptr(),
+                        (k, false),
+                        x.w16[s * k..].as_ptr(),
                         (k, true),
                         0.0,
                         cp.at(s),
@@ -303,8 +324,11 @@ fn main() {
         ("+packB16+A32", Variant::PackB16A32),
         ("faer", Variant::Faer),
     ];
-    if mkl.is_ok() {
+    if let Ok(m) = mkl {
         variants.push(("mkl", Variant::Mkl));
+        if m.has_gemm_bf16() {
+            variants.push(("mkl-bf16", Variant::MklBf16));
+        }
     }
     if let Some(i) = args.iter().position(|a| a == "--only") {
         let keep: Vec<&str> = args[i + 1].split(',').collect();
