@@ -336,3 +336,17 @@ fn kernel_flushes_denormal_inputs() {
     gemm(2, &[0x0001, 0x0080], 1, &b, &mut c, 1, false);
     assert_eq!(c, [0.0, 2f32.powi(-26)], "a denormal input's product should be zero, a normal one's exact");
 }
+
+#[test]
+fn widening_is_exact_for_every_bit_pattern() {
+    let src: Vec<u16> = (0..=u16::MAX).chain(0..37).collect();
+    // Odd lengths and offsets reach the vector loop's edges.
+    for (start, len) in [(0usize, src.len()), (3, 29), (1, 16), (5, 0)] {
+        let s = &src[start..start + len];
+        let mut dst = vec![0f32; len];
+        super::bf16_to_f32_slice(s, &mut dst);
+        for (&h, &f) in s.iter().zip(&dst) {
+            assert_eq!(f.to_bits(), u32::from(h) << 16, "bf16 {h:#06x}");
+        }
+    }
+}

@@ -121,8 +121,9 @@ fn fill_tile(
             }
         }
         WeightData::Bf16(v) => {
+            let bits: &[u16] = v.reinterpret_cast();
             for (i, r) in (r0..r1).enumerate() {
-                v[r * k + c0..r * k + c1].convert_to_f32_slice(&mut dst[i * ld..i * ld + w]);
+                crate::bf16_gemm::bf16_to_f32_slice(&bits[r * k + c0..r * k + c1], &mut dst[i * ld..i * ld + w]);
             }
         }
         WeightData::F16(v) => {
@@ -190,7 +191,7 @@ pub(crate) fn forward(
         let panels = n.div_ceil(nb);
         let dst = SendPtr(out.as_mut_ptr());
         let xb = (engine != Engine::F32).then(|| to_bf16(x));
-        (0..panels).into_par_iter().for_each_init(Vec::<f32>::new, |tile, p| {
+        (0..panels).into_par_iter().for_each_init(<(Vec<f32>, Vec<u16>)>::default, |(tile, tb), p| {
             let (n0, n1) = (p * nb, ((p + 1) * nb).min(n));
             let h = n1 - n0;
             // SAFETY (all): the output block is columns n0..n1 of out (rows × n), this panel's alone.
@@ -217,9 +218,10 @@ pub(crate) fn forward(
                             unsafe { crate::bf16_gemm::gemm_ptr(rows, xb, k, &packed, out_block.get(), n, accumulate) };
                         }
                         Engine::Bf16Mkl => {
-                            let tb = to_bf16(tile);
+                            tb.resize(tile.len(), 0);
+                            crate::bf16_gemm::f32_to_bf16(tile, tb);
                             unsafe {
-                                mkl_bf16(rows, h, k, xb.as_deref().unwrap_or_default(), &tb, out_block, n, accumulate)
+                                mkl_bf16(rows, h, k, xb.as_deref().unwrap_or_default(), tb, out_block, n, accumulate)
                             }
                         }
                     }
@@ -259,7 +261,7 @@ pub(crate) fn backward_input(
         let nb = round_up((TILE_BYTES / 4 / kb).max(16), 16).min(round_up(n, 16));
         let dst = SendPtr(dx.as_mut_ptr());
         let dyb = (engine != Engine::F32).then(|| to_bf16(dy));
-        (0..chunks).into_par_iter().for_each_init(Vec::<f32>::new, |tile, c| {
+        (0..chunks).into_par_iter().for_each_init(<(Vec<f32>, Vec<u16>)>::default, |(tile, tb), c| {
             let (k0, k1) = (c * kb, ((c + 1) * kb).min(k));
             let wdt = k1 - k0;
             // SAFETY (all): the output block is columns k0..k1 of dx (rows × k), this chunk's alone.
@@ -274,6 +276,11 @@ pub(crate) fn backward_input(
                         let a = &dyb.as_deref().unwrap_or_default()[n0..];
                         unsafe { crate::bf16_gemm::gemm_ptr(rows, a, n, &packed, dx_block.get(), k, acc) };
                     }
+                    (Engine::Bf16Mkl, Some(bits), None) => {
+                        // W's rows n0..n1, columns k0..k1 read in place (row stride k): no f32 round trip.
+                        let a = &dyb.as_deref().unwrap_or_default()[n0..];
+                        unsafe { mkl_bf16_nn(rows, wdt, h, a, n, &bits[n0 * k + k0..], k, dx_block, k, acc) };
+                    }
                     _ => {
                         tile.resize(h * wdt, 0.0);
                         fill_tile(&data, k, (n0, n1), (k0, k1), tile, wdt, merge);
@@ -287,9 +294,10 @@ pub(crate) fn backward_input(
                                 unsafe { crate::bf16_gemm::gemm_ptr(rows, a, n, &packed, dx_block.get(), k, acc) };
                             }
                             Engine::Bf16Mkl => {
-                                let tb = to_bf16(tile);
+                                tb.resize(tile.len(), 0);
+                                crate::bf16_gemm::f32_to_bf16(tile, tb);
                                 let a = &dyb.as_deref().unwrap_or_default()[n0..];
-                                unsafe { mkl_bf16_nn(rows, wdt, h, a, n, &tb, wdt, dx_block, k, acc) };
+                                unsafe { mkl_bf16_nn(rows, wdt, h, a, n, tb, wdt, dx_block, k, acc) };
                             }
                         }
                     }
