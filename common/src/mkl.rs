@@ -315,9 +315,13 @@ impl Mkl {
 pub fn cpu_has_amx_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        // CPUID is available on every x86-64; leaf 7 exists when the maximum leaf (leaf 0's EAX) ≥ 7.
-        let max = std::arch::x86_64::__cpuid(0).eax;
-        max >= 7 && (std::arch::x86_64::__cpuid_count(7, 0).edx >> 22) & 1 == 1
+        // Detected once (every product asks; CPUID traps to the hypervisor in a VM). CPUID is available on every
+        // x86-64; leaf 7 exists when the maximum leaf (leaf 0's EAX) ≥ 7.
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            let max = std::arch::x86_64::__cpuid(0).eax;
+            max >= 7 && (std::arch::x86_64::__cpuid_count(7, 0).edx >> 22) & 1 == 1
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     false

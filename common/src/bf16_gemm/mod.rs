@@ -92,11 +92,16 @@ pub fn available() -> bool {
 pub fn beats_f32() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU (the intrinsic is safe on newer toolchains).
-        #[allow(unused_unsafe)]
-        let id = unsafe { std::arch::x86_64::__cpuid(0) };
-        let intel = (id.ebx, id.edx, id.ecx) == (0x756e_6547, 0x4965_6e69, 0x6c65_746e); // "GenuineIntel"
-        available() && !intel
+        // Detected once: CPUID is slow, and traps to the hypervisor in a VM.
+        use std::sync::OnceLock;
+        static BEATS: OnceLock<bool> = OnceLock::new();
+        *BEATS.get_or_init(|| {
+            // SAFETY: CPUID leaf 0 exists on every x86-64 CPU (the intrinsic is safe on newer toolchains).
+            #[allow(unused_unsafe)]
+            let id = unsafe { std::arch::x86_64::__cpuid(0) };
+            let intel = (id.ebx, id.edx, id.ecx) == (0x756e_6547, 0x4965_6e69, 0x6c65_746e); // "GenuineIntel"
+            available() && !intel
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
