@@ -92,6 +92,37 @@ fn mean(sets: &[TensorSet]) -> TensorSet {
     out
 }
 
+/// Runs a 3-client local federation (IID split, the test-built client binary) in `w` and asserts it completed,
+/// showing the clients' logs otherwise.
+fn run_three_clients(
+    model: PathBuf,
+    train: PathBuf,
+    eval: PathBuf,
+    public_examples: usize,
+    config: RunConfig,
+    w: &Path,
+) {
+    let fed = LocalFederation {
+        clients: 3,
+        model,
+        train,
+        eval: Some(eval),
+        public_examples,
+        split: Split::Iid,
+        config,
+        work_dir: w.to_path_buf(),
+        client_exe: PathBuf::from(env!("CARGO_BIN_EXE_fedsb-client")),
+        client_output_inherit: false,
+        client_args: vec![],
+    };
+    let cfg = fed.prepare().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let outcome = rt.block_on(fed.run(cfg)).unwrap();
+    let logs: String =
+        (1..=3).map(|i| std::fs::read_to_string(w.join(format!("client-{i}.log"))).unwrap_or_default()).collect();
+    assert_eq!(outcome.status, "completed", "{}\n{logs}", outcome.message);
+}
+
 #[test]
 fn three_clients_two_rounds_over_mutual_tls() {
     let Some(a) = assets() else { return };
@@ -104,25 +135,7 @@ fn three_clients_two_rounds_over_mutual_tls() {
     std::fs::write(&train, text.lines().take(64 + 120).collect::<Vec<_>>().join("\n")).unwrap();
     let mut cfg = base_config(&model, &w.join("data/public.jsonl"), &w.join("state"), 3, 2);
     cfg.eval = Some(EvalSection::new(a.join("data/rotten-tomatoes/test.jsonl"), Some(32), 32));
-    let fed = LocalFederation {
-        clients: 3,
-        model,
-        train,
-        eval: Some(a.join("data/rotten-tomatoes/test.jsonl")),
-        public_examples: 64,
-        split: Split::Iid,
-        config: cfg,
-        work_dir: w.clone(),
-        client_exe: PathBuf::from(env!("CARGO_BIN_EXE_fedsb-client")),
-        client_output_inherit: false,
-        client_args: vec![],
-    };
-    let cfg = fed.prepare().unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let outcome = rt.block_on(fed.run(cfg)).unwrap();
-    let logs: String =
-        (1..=3).map(|i| std::fs::read_to_string(w.join(format!("client-{i}.log"))).unwrap_or_default()).collect();
-    assert_eq!(outcome.status, "completed", "{}\n{logs}", outcome.message);
+    run_three_clients(model, train, a.join("data/rotten-tomatoes/test.jsonl"), 64, cfg, &w);
 
     let store = Store::open(&w.join("state")).unwrap();
     let run = store.latest_run().unwrap().unwrap();
@@ -248,25 +261,7 @@ fn smollm2_on_gsm8k_three_clients_report_held_out_loss_and_bytes() {
     ev.exact_match = 1;
     ev.max_new_tokens = 8;
     cfg.eval = Some(ev);
-    let fed = LocalFederation {
-        clients: 3,
-        model,
-        train,
-        eval: Some(eval),
-        public_examples: 4,
-        split: Split::Iid,
-        config: cfg,
-        work_dir: w.clone(),
-        client_exe: PathBuf::from(env!("CARGO_BIN_EXE_fedsb-client")),
-        client_output_inherit: false,
-        client_args: vec![],
-    };
-    let cfg = fed.prepare().unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let outcome = rt.block_on(fed.run(cfg)).unwrap();
-    let logs: String =
-        (1..=3).map(|i| std::fs::read_to_string(w.join(format!("client-{i}.log"))).unwrap_or_default()).collect();
-    assert_eq!(outcome.status, "completed", "{}\n{logs}", outcome.message);
+    run_three_clients(model, train, eval, 4, cfg, &w);
 
     // Before round 1: the base model and the starting global (LoRA-SB init), both on the 4 held-out problems.
     let start: serde_json::Value =

@@ -69,26 +69,18 @@ pub(crate) fn engine() -> Engine {
     if let Some(e) = FORCE.with(|c| c.get()) {
         return e;
     }
-    match crate::frozen::compute_dtype() {
-        ComputeDtype::F32 => Engine::F32,
-        ComputeDtype::Auto => {
-            if amx_bf16_available() {
-                Engine::Bf16Mkl
-            } else if crate::bf16_gemm::beats_f32() {
-                Engine::Bf16Avx512
-            } else {
-                Engine::F32
-            }
-        }
-        ComputeDtype::Bf16 => {
-            if amx_bf16_available() {
-                Engine::Bf16Mkl
-            } else if crate::bf16_gemm::available() {
-                Engine::Bf16Avx512
-            } else {
-                Engine::F32
-            }
-        }
+    // fedsb's AVX-512 BF16 kernel: where asked for bf16 and it runs, or by default where it beats f32.
+    let own_kernel = match crate::frozen::compute_dtype() {
+        ComputeDtype::F32 => return Engine::F32,
+        ComputeDtype::Auto => crate::bf16_gemm::beats_f32(),
+        ComputeDtype::Bf16 => crate::bf16_gemm::available(),
+    };
+    if amx_bf16_available() {
+        Engine::Bf16Mkl
+    } else if own_kernel {
+        Engine::Bf16Avx512
+    } else {
+        Engine::F32
     }
 }
 
