@@ -127,6 +127,30 @@ fn cases() -> Result<Vec<Case>> {
         inputs: vars(&[(&[srows, 1536], 20), (&[srows, 1536], 21)])?,
         run: Box::new(|v| ops::silu_mul(v[0].as_tensor(), v[1].as_tensor())),
     });
+    // The LoRA-SB layers of SmolLM2's bf16 bench step: MLP up (576 → 1536) and down (1536 → 576), r = 32.
+    for (name, k, n) in [
+        ("LoRA-SB linear, bf16 weight (SmolLM2 MLP up, r 32)", 576usize, 1536usize),
+        ("LoRA-SB linear, bf16 weight (SmolLM2 MLP down)", 1536, 576),
+    ] {
+        let w0 = FrozenWeight::dense("w0", randn(&[n, k], 30, 0.05)?)?.convert("w0", "bf16".parse()?)?;
+        let (a, b) = (randn(&[32, k], 31, 0.05)?, randn(&[n, 32], 32, 0.05)?);
+        out.push(Case {
+            name,
+            shape: format!("[{srows}, {k}] → [{srows}, {n}]"),
+            inputs: vec![
+                Var::from_tensor(&randn(&[srows, k], 33, 1.0)?)?,
+                Var::from_tensor(&randn(&[32, 32], 34, 0.1)?)?,
+            ],
+            run: Box::new(move |v| {
+                let (x, r) = (v[0].as_tensor(), v[1].as_tensor());
+                if kernels::applies(x) {
+                    return Ok(kernels::lora_sb_linear(x, &w0, None, &a, &b, r, 2.0)?);
+                }
+                let side = ops::frozen_matmul(&ops::frozen_matmul(x, &a)?.matmul(&r.t()?)?, &b)?;
+                Ok((ops::linear(x, &w0, None)? + (side * 2.0)?)?)
+            }),
+        });
+    }
     let (cos, sin) = {
         let (mut c, mut s) = (Vec::new(), Vec::new());
         for p in 0..128 {

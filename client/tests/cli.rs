@@ -203,8 +203,8 @@ fn bench_svd_reports_time_and_accuracy() {
 fn bench_kernels_covers_every_kernel() {
     let o = client().args(["bench", "--json", "--kernels", "--steps", "1"]).output().unwrap();
     let lines = json_lines(&o);
-    // Eleven kernels, the frozen linear also on bf16, q8_0 and q4_0 weights.
-    assert_eq!(lines.len(), 14);
+    // Eleven kernels, the frozen linear also on bf16, q8_0 and q4_0 weights, LoRA-SB also on two bf16 weights.
+    assert_eq!(lines.len(), 16);
     let names: Vec<&str> = lines.iter().filter_map(|l| l["kernel"].as_str()).collect();
     for fmt in ["bf16", "q8_0", "q4_0"] {
         assert!(names.iter().any(|n| n.contains(&format!("{fmt} weight"))), "no {fmt} case in {names:?}");

@@ -302,7 +302,7 @@ pub(crate) fn backward_input(
 }
 
 /// bf16 bit patterns of `x` (round to nearest even).
-fn to_bf16(x: &[f32]) -> Vec<u16> {
+pub(crate) fn to_bf16(x: &[f32]) -> Vec<u16> {
     let mut out = vec![0u16; x.len()];
     out.par_chunks_mut(1 << 16).zip(x.par_chunks(1 << 16)).for_each(|(o, x)| crate::bf16_gemm::f32_to_bf16(x, o));
     out

@@ -2,7 +2,8 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::frozen_gemm::LowRank;
+use super::frozen_gemm::{LowRank, to_bf16};
+use super::lora_sb_bf16::{self as bf16, Operands};
 use super::*;
 use crate::frozen::FrozenWeight;
 
@@ -119,6 +120,11 @@ impl LoraSbLinear {
         d.n <= d.rows
     }
 
+    /// The sizes for [`super::lora_sb_bf16`].
+    fn bf16_dims(d: SbDims) -> bf16::Dims {
+        bf16::Dims { rows: d.rows, k: d.k, n: d.n, r: d.r, samples: d.samples }
+    }
+
     /// `s·R·A` (`r × k`): the right factor of the update merged into a compact W0's tiles.
     fn scaled_ra(d: SbDims, a: &[f32], r0: &[f32], scale: f32) -> Vec<f32> {
         let sr: Vec<f32> = r0.iter().map(|v| v * scale).collect();
@@ -168,6 +174,18 @@ impl CustomOp2 for LoraSbLinear {
                     row.copy_from_slice(bias);
                 }
             });
+        }
+        if bf16::applies(&self.w0) {
+            // bf16 W0 on AMX: W0's bits in place and bf16 adapter products, one pass over row blocks.
+            let (ab, bb) = (to_bf16(a), to_bf16(b));
+            let h1 = bf16::with_bits(&self.w0, |w0| {
+                let ops = Operands { w0, a: &ab, b: &bb, rm, scale: self.scale };
+                bf16::forward(Self::bf16_dims(d), x, &ops, &mut out, self.bias.is_some())
+            })??;
+            if let Ok(mut slot) = self.h1.lock() {
+                *slot = Some(h1);
+            }
+            return Ok((CpuStorage::F32(out), Shape::from((d.rows, d.n))));
         }
         match (self.w0.as_f32(), Self::common_r(d, rm)) {
             (Some(w0t), Some(r0)) if Self::merge_pays(d) => {
@@ -290,6 +308,16 @@ impl CustomOp3 for LoraSbGrad {
         let (nx, nr) = (if self.need_dx { x.len() } else { 0 }, rm.len());
         let mut out = buffer_for_overwrite(nx + nr);
         let (dx, dr) = out.split_at_mut(nx);
+        if bf16::applies(&self.w0) {
+            let (ab, bb) = (to_bf16(a), to_bf16(b));
+            let h1 = self.h1.lock().ok().and_then(|mut h| h.take());
+            bf16::with_bits(&self.w0, |w0| {
+                let ops = Operands { w0, a: &ab, b: &bb, rm, scale: self.scale };
+                bf16::backward(LoraSbLinear::bf16_dims(d), x, dy, &ops, h1, dx, dr)
+            })??;
+            let n = out.len();
+            return Ok((CpuStorage::F32(out), Shape::from(n)));
+        }
         let mut gb = buffer_for_overwrite(d.rows * d.r);
         // x·Aᵀ: the forward's where it kept it, else computed below.
         let kept_h1 = self.h1.lock().ok().and_then(|mut h| h.take()).filter(|h| h.len() == d.rows * d.r);

@@ -80,6 +80,7 @@ mod gemm;
 mod linear;
 mod lm_head;
 mod lora_sb;
+mod lora_sb_bf16;
 mod norm;
 mod rope;
 mod softmax;
