@@ -1,7 +1,7 @@
 //! Small SVG line charts (no plotting crate): one polyline per series with point markers, linear or log₁₀
 //! x axis, nice ticks, grid, axis labels and a legend to the right of the plot.
 //!
-//! Used by [`super`] (the sweep reports) for `accuracy_vs_round.svg` and `accuracy_vs_bytes.svg`.
+//! Used by [`super::report`] for `accuracy_vs_round.svg` and `accuracy_vs_bytes.svg`.
 use std::fmt::Write as _;
 
 /// A colour-blind-friendly palette (Tableau 10), cycled by series colour index.
