@@ -89,6 +89,14 @@ pub enum SweepError {
         /// What is wrong.
         message: String,
     },
+    /// Writing a CSV report failed.
+    #[error("{file}: {message}")]
+    Report {
+        /// The report file.
+        file: &'static str,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SweepError + '_ {
@@ -108,9 +116,9 @@ pub fn write_reports(spec: &SweepSpec, out: &Path) -> Result<Vec<RunResult>, Swe
     let results = collect_results(spec, out)?;
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     let files = [
-        results_csv(&results),
+        results_csv(&results)?,
         results_markdown(spec, &results),
-        rounds_csv(&results),
+        rounds_csv(&results)?,
         accuracy_chart(spec, &results, false).to_svg(),
         accuracy_chart(spec, &results, true).to_svg(),
     ];
@@ -145,9 +153,9 @@ mod tests {
         let results = write_reports(&spec, &out).unwrap();
         assert_eq!(results, collect_results(&spec, &out).unwrap());
         let expected = [
-            results_csv(&results),
+            results_csv(&results).unwrap(),
             results_markdown(&spec, &results),
-            rounds_csv(&results),
+            rounds_csv(&results).unwrap(),
             accuracy_chart(&spec, &results, false).to_svg(),
             accuracy_chart(&spec, &results, true).to_svg(),
         ];

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::runner::{read_stamp, run_dir};
 use super::spec::{PlannedRun, SweepSpec};
@@ -247,77 +247,176 @@ pub fn collect_results(spec: &SweepSpec, out: &Path) -> Result<Vec<RunResult>, S
     spec.runs().iter().map(|r| load_result(r, out)).collect()
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
+/// A number with a fixed count of decimals in a CSV cell (`0.800000`, `12.40`); empty when there is none.
+struct Fixed<const DECIMALS: usize>(Option<f64>);
+
+impl<const DECIMALS: usize> Serialize for Fixed<DECIMALS> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(v) => s.collect_str(&format_args!("{v:.prec$}", prec = DECIMALS)),
+            None => s.serialize_none(),
+        }
+    }
 }
 
-fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
-    v.map(|v| v.to_string()).unwrap_or_default()
+/// A number as Rust prints it (`8`, `0.5`; serde would write `8.0`); empty when there is none.
+struct Shortest(Option<f64>);
+
+impl Serialize for Shortest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(v) => s.collect_str(&v),
+            None => s.serialize_none(),
+        }
+    }
 }
 
-fn opt_f(v: Option<f64>, decimals: usize) -> String {
-    v.map(|v| format!("{v:.decimals$}")).unwrap_or_default()
+/// The columns of `results.csv`, in order (the field names of [`ResultRow`]).
+const RESULTS_HEADER: [&str; 17] = [
+    "name",
+    "method",
+    "rank",
+    "split",
+    "seed",
+    "status",
+    "rounds_planned",
+    "rounds_completed",
+    "final_accuracy",
+    "best_accuracy",
+    "up_bytes_per_client_per_round",
+    "down_bytes_per_client_per_round",
+    "init_bytes",
+    "total_bytes",
+    "wall_seconds",
+    "dp_epsilon_budget",
+    "dp_epsilon_spent",
+];
+
+/// A row of `results.csv` (docs/sweeps.md says what each column means).
+#[derive(Serialize)]
+struct ResultRow<'a> {
+    name: &'a str,
+    method: &'a str,
+    rank: usize,
+    split: &'static str,
+    seed: u64,
+    status: &'static str,
+    rounds_planned: u64,
+    rounds_completed: usize,
+    final_accuracy: Fixed<6>,
+    best_accuracy: Fixed<6>,
+    up_bytes_per_client_per_round: Fixed<0>,
+    down_bytes_per_client_per_round: Fixed<0>,
+    init_bytes: Option<u64>,
+    /// Empty for a run without completed rounds.
+    total_bytes: Option<u64>,
+    wall_seconds: Fixed<2>,
+    dp_epsilon_budget: Shortest,
+    dp_epsilon_spent: Fixed<4>,
+}
+
+impl<'a> ResultRow<'a> {
+    fn new(r: &'a RunResult) -> Self {
+        ResultRow {
+            name: &r.run.name,
+            method: &r.run.method,
+            rank: r.run.rank,
+            split: r.run.split.name(),
+            seed: r.run.seed,
+            status: r.status.name(),
+            rounds_planned: r.run.rounds,
+            rounds_completed: r.rounds.len(),
+            final_accuracy: Fixed(r.final_accuracy),
+            best_accuracy: Fixed(r.best_accuracy),
+            up_bytes_per_client_per_round: Fixed(r.up_per_client_round),
+            down_bytes_per_client_per_round: Fixed(r.down_per_client_round),
+            init_bytes: r.init_bytes,
+            total_bytes: (!r.rounds.is_empty()).then_some(r.total_bytes),
+            wall_seconds: Fixed(r.wall_seconds),
+            dp_epsilon_budget: Shortest(r.run.dp_epsilon),
+            dp_epsilon_spent: Fixed(r.epsilon_spent),
+        }
+    }
+}
+
+/// The columns of `rounds.csv`, in order (the field names of [`RoundRow`]).
+const ROUNDS_HEADER: [&str; 12] = [
+    "name",
+    "method",
+    "rank",
+    "split",
+    "seed",
+    "round",
+    "accuracy",
+    "eval_loss",
+    "train_loss",
+    "round_bytes",
+    "cumulative_bytes",
+    "round_seconds",
+];
+
+/// A row of `rounds.csv`: one completed round of a run.
+#[derive(Serialize)]
+struct RoundRow<'a> {
+    name: &'a str,
+    method: &'a str,
+    rank: usize,
+    split: &'static str,
+    seed: u64,
+    round: u64,
+    accuracy: Fixed<6>,
+    eval_loss: Fixed<6>,
+    train_loss: Fixed<6>,
+    round_bytes: u64,
+    cumulative_bytes: u64,
+    round_seconds: Fixed<3>,
+}
+
+impl<'a> RoundRow<'a> {
+    fn new(r: &'a RunResult, p: &RoundPoint) -> Self {
+        RoundRow {
+            name: &r.run.name,
+            method: &r.run.method,
+            rank: r.run.rank,
+            split: r.run.split.name(),
+            seed: r.run.seed,
+            round: p.round,
+            accuracy: Fixed(p.accuracy),
+            eval_loss: Fixed(p.eval_loss),
+            train_loss: Fixed(p.train_loss),
+            round_bytes: p.bytes,
+            cumulative_bytes: p.cumulative_bytes,
+            round_seconds: Fixed(Some(p.seconds)),
+        }
+    }
+}
+
+/// `header`, then `rows`, as CSV text (fields quoted when they hold a comma, quote or newline). The header is
+/// written even without rows.
+fn to_csv<R: Serialize>(
+    file: &'static str,
+    header: &[&str],
+    rows: impl IntoIterator<Item = R>,
+) -> Result<String, SweepError> {
+    let err = |e: &dyn std::fmt::Display| SweepError::Report { file, message: e.to_string() };
+    let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(Vec::new());
+    w.write_record(header).map_err(|e| err(&e))?;
+    for row in rows {
+        w.serialize(row).map_err(|e| err(&e))?;
+    }
+    let bytes = w.into_inner().map_err(|e| err(e.error()))?;
+    String::from_utf8(bytes).map_err(|e| err(&e))
 }
 
 /// `results.csv`: one row per run.
-pub fn results_csv(results: &[RunResult]) -> String {
-    let mut o = String::from(
-        "name,method,rank,split,seed,status,rounds_planned,rounds_completed,final_accuracy,best_accuracy,\
-         up_bytes_per_client_per_round,down_bytes_per_client_per_round,init_bytes,total_bytes,wall_seconds,\
-         dp_epsilon_budget,dp_epsilon_spent\n",
-    );
-    for r in results {
-        let row = [
-            csv_field(&r.run.name),
-            csv_field(&r.run.method),
-            r.run.rank.to_string(),
-            r.run.split.name().to_string(),
-            r.run.seed.to_string(),
-            r.status.name().to_string(),
-            r.run.rounds.to_string(),
-            r.rounds.len().to_string(),
-            opt_f(r.final_accuracy, 6),
-            opt_f(r.best_accuracy, 6),
-            opt_f(r.up_per_client_round, 0),
-            opt_f(r.down_per_client_round, 0),
-            opt(r.init_bytes),
-            if r.rounds.is_empty() { String::new() } else { r.total_bytes.to_string() },
-            opt_f(r.wall_seconds, 2),
-            opt(r.run.dp_epsilon),
-            opt_f(r.epsilon_spent, 4),
-        ];
-        o.push_str(&row.join(","));
-        o.push('\n');
-    }
-    o
+pub fn results_csv(results: &[RunResult]) -> Result<String, SweepError> {
+    to_csv("results.csv", &RESULTS_HEADER, results.iter().map(ResultRow::new))
 }
 
 /// `rounds.csv`: one row per run per completed round.
-pub fn rounds_csv(results: &[RunResult]) -> String {
-    let mut o = String::from(
-        "name,method,rank,split,seed,round,accuracy,eval_loss,train_loss,round_bytes,cumulative_bytes,round_seconds\n",
-    );
-    for r in results {
-        for p in &r.rounds {
-            let row = [
-                csv_field(&r.run.name),
-                csv_field(&r.run.method),
-                r.run.rank.to_string(),
-                r.run.split.name().to_string(),
-                r.run.seed.to_string(),
-                p.round.to_string(),
-                opt_f(p.accuracy, 6),
-                opt_f(p.eval_loss, 6),
-                opt_f(p.train_loss, 6),
-                p.bytes.to_string(),
-                p.cumulative_bytes.to_string(),
-                format!("{:.3}", p.seconds),
-            ];
-            o.push_str(&row.join(","));
-            o.push('\n');
-        }
-    }
-    o
+pub fn rounds_csv(results: &[RunResult]) -> Result<String, SweepError> {
+    let rows = results.iter().flat_map(|r| r.rounds.iter().map(move |p| RoundRow::new(r, p)));
+    to_csv("rounds.csv", &ROUNDS_HEADER, rows)
 }
 
 #[cfg(test)]
@@ -349,7 +448,7 @@ mod tests {
             [RunStatus::Completed, RunStatus::Incomplete, RunStatus::Completed, RunStatus::NotRun]
         );
 
-        let csv = results_csv(&results);
+        let csv = results_csv(&results).unwrap();
         let rows: Vec<&str> = csv.lines().collect();
         assert_eq!(rows.len(), 5);
         assert!(rows[0].starts_with("name,method,rank,split,seed,status,"));
@@ -365,7 +464,7 @@ mod tests {
         );
         assert_eq!(rows[4], "fedit-r16-dirichlet-s42,fedit,16,dirichlet,42,not run,2,0,,,,,,,,,");
 
-        let rounds = rounds_csv(&results);
+        let rounds = rounds_csv(&results).unwrap();
         let rows: Vec<&str> = rounds.lines().collect();
         assert_eq!(rows.len(), 1 + 2 + 2 + 1);
         assert_eq!(rows[2], "fedsb-r16-iid-s42,fedsb,16,iid,42,2,0.800000,0.400000,0.500000,600,1200,1.500");
@@ -386,8 +485,30 @@ mod tests {
 
     #[test]
     fn csv_fields_are_quoted_when_needed() {
-        assert_eq!(csv_field("a,b"), "\"a,b\"");
-        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
-        assert_eq!(csv_field("plain"), "plain");
+        let spec = two_method_spec();
+        let mut r = load_result(&spec.runs()[0], Path::new("/no/such/folder")).unwrap();
+        r.run.method = "a,b".into();
+        r.run.name = "say \"hi\"".into();
+        let csv = results_csv(&[r.clone()]).unwrap();
+        assert!(csv.lines().nth(1).unwrap().starts_with("\"say \"\"hi\"\"\",\"a,b\",16,iid,"), "{csv}");
+        r.run.name = "plain".into();
+        let csv = results_csv(&[r]).unwrap();
+        assert!(csv.lines().nth(1).unwrap().starts_with("plain,\"a,b\",16,iid,"), "{csv}");
+    }
+
+    #[test]
+    fn csv_headers_are_the_row_fields_and_written_without_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let results = collect_results(&synthetic_runs(dir.path()), dir.path()).unwrap();
+        fn serde_header(row: impl Serialize) -> String {
+            let mut w = csv::Writer::from_writer(Vec::new());
+            w.serialize(row).unwrap();
+            let text = String::from_utf8(w.into_inner().unwrap()).unwrap();
+            text.lines().next().unwrap().to_string()
+        }
+        assert_eq!(serde_header(ResultRow::new(&results[0])), RESULTS_HEADER.join(","));
+        assert_eq!(serde_header(RoundRow::new(&results[0], &results[0].rounds[0])), ROUNDS_HEADER.join(","));
+        assert_eq!(rounds_csv(&[]).unwrap(), ROUNDS_HEADER.join(",") + "\n");
+        assert_eq!(results_csv(&[]).unwrap(), RESULTS_HEADER.join(",") + "\n");
     }
 }
