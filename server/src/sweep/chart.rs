@@ -1,20 +1,38 @@
-//! Small SVG line charts (no plotting crate): one polyline per series with point markers, linear or log₁₀
-//! x axis, nice ticks, grid, axis labels and a legend to the right of the plot.
+//! SVG line charts drawn with plotters' SVG backend: one line per series (solid or dashed) with a marker per
+//! point, a linear or log₁₀ x axis with the ticks of [`linear_ticks`] / [`log_ticks`], a grid, tick labels, axis
+//! labels, a title, and a legend to the right of the plot with one entry per label. Text is written as SVG
+//! `<text>` for the viewer to lay out, so nothing here reads fonts.
 //!
 //! Used by [`super::report`] for `accuracy_vs_round.svg` and `accuracy_vs_bytes.svg`.
-use std::fmt::Write as _;
+use std::ops::Range;
+
+use plotters::coord::Shift;
+use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
+use plotters::element::DashedPathElement;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 /// A colour-blind-friendly palette (Tableau 10), cycled by series colour index.
-pub const PALETTE: [&str; 10] =
-    ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"];
+pub const PALETTE: [RGBColor; 10] = [
+    RGBColor(0x4e, 0x79, 0xa7),
+    RGBColor(0xf2, 0x8e, 0x2b),
+    RGBColor(0xe1, 0x57, 0x59),
+    RGBColor(0x76, 0xb7, 0xb2),
+    RGBColor(0x59, 0xa1, 0x4f),
+    RGBColor(0xed, 0xc9, 0x48),
+    RGBColor(0xb0, 0x7a, 0xa1),
+    RGBColor(0xff, 0x9d, 0xa7),
+    RGBColor(0x9c, 0x75, 0x5f),
+    RGBColor(0xba, 0xb0, 0xac),
+];
 
 /// One line of a chart.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Series {
     /// Legend text; series sharing a label share one legend entry (e.g. the seeds of one configuration).
     pub label: String,
-    /// Stroke colour (CSS colour, e.g. from [`PALETTE`]).
-    pub color: String,
+    /// Stroke colour (e.g. from [`PALETTE`]).
+    pub color: RGBColor,
     /// Dashed instead of solid.
     pub dashed: bool,
     /// The (x, y) points, in drawing order. Non-finite points (and x ≤ 0 on a log axis) are skipped.
@@ -52,14 +70,31 @@ pub struct Chart {
     pub series: Vec<Series>,
 }
 
-const WIDTH: f64 = 980.0;
-const MIN_HEIGHT: f64 = 520.0;
-const LEFT: f64 = 72.0;
-const TOP: f64 = 44.0;
-const PLOT_W: f64 = 620.0;
-const PLOT_H: f64 = 400.0;
-const LEGEND_X: f64 = LEFT + PLOT_W + 28.0;
-const LEGEND_ROW: f64 = 20.0;
+/// Drawing a chart failed (plotters' error, in words).
+#[derive(Debug, thiserror::Error)]
+#[error("drawing the chart: {0}")]
+pub struct DrawError(String);
+
+const WIDTH: u32 = 980;
+const MIN_HEIGHT: u32 = 520;
+/// Where the legend starts: the title, plot and axis labels are to its left.
+const LEGEND_X: u32 = 720;
+/// The legend's first row (its middle, from the top) and the distance between rows.
+const LEGEND_TOP: i32 = 54;
+const LEGEND_ROW: i32 = 20;
+/// Series lines, in pixels; legend samples are a pixel wider.
+pub(crate) const LINE_WIDTH: u32 = 2;
+const MARKER_RADIUS: u32 = 3;
+/// Dashes of dashed lines: drawn and skipped pixels.
+const DASH: (u32, u32) = (7, 4);
+const FONT: &str = "sans-serif";
+/// plotters writes font sizes divided by 1.24 into the SVG: these give about 15, 13 and 12 px.
+const TITLE_SIZE: f64 = 18.6;
+const AXIS_LABEL_SIZE: f64 = 16.1;
+const TEXT_SIZE: f64 = 14.9;
+const GRID: RGBColor = RGBColor(0xe3, 0xe3, 0xe3);
+const AXIS: RGBColor = RGBColor(0x55, 0x55, 0x55);
+const TEXT: RGBColor = RGBColor(0x33, 0x33, 0x33);
 
 /// A "nice" step (1, 2 or 5 × 10ᵏ) giving at most `max_ticks` ticks over `span`.
 fn nice_step(span: f64, max_ticks: usize) -> f64 {
@@ -137,141 +172,9 @@ pub fn fmt_plain(x: f64) -> String {
     if s == "-0" { "0".to_string() } else { s.to_string() }
 }
 
-/// Escapes text for SVG content and attribute values.
-pub fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
-}
-
-impl Chart {
-    fn visible(&self, (x, y): (f64, f64)) -> bool {
-        x.is_finite() && y.is_finite() && (self.x_scale != Scale::Log10 || x > 0.0)
-    }
-
-    /// The chart as a standalone SVG document.
-    pub fn to_svg(&self) -> String {
-        let pts: Vec<(f64, f64)> =
-            self.series.iter().flat_map(|s| s.points.iter().copied()).filter(|p| self.visible(*p)).collect();
-        let (xmin, xmax) = min_max(pts.iter().map(|p| p.0)).unwrap_or((1.0, 10.0));
-        let (ymin, ymax) = min_max(pts.iter().map(|p| p.1)).unwrap_or((0.0, 1.0));
-        let x_ticks = match self.x_scale {
-            Scale::Linear { integer } => linear_ticks(xmin, xmax, 8, integer),
-            Scale::Log10 => log_ticks(xmin, xmax),
-        };
-        let y_ticks = linear_ticks(ymin, ymax, 8, false);
-        let (x0, x1) = (x_ticks[0], x_ticks[x_ticks.len() - 1]);
-        let (y0, y1) = (y_ticks[0], y_ticks[y_ticks.len() - 1]);
-        let fx = |x: f64| -> f64 {
-            let t = match self.x_scale {
-                Scale::Log10 => (x.log10() - x0.log10()) / (x1.log10() - x0.log10()),
-                Scale::Linear { .. } => (x - x0) / (x1 - x0),
-            };
-            LEFT + t * PLOT_W
-        };
-        let fy = |y: f64| -> f64 { TOP + PLOT_H - (y - y0) / (y1 - y0) * PLOT_H };
-
-        let mut legend: Vec<&Series> = Vec::new();
-        for s in &self.series {
-            if !legend.iter().any(|l| l.label == s.label) {
-                legend.push(s);
-            }
-        }
-        let height = MIN_HEIGHT.max(TOP + 30.0 + legend.len() as f64 * LEGEND_ROW);
-
-        let mut o = String::new();
-        let _ = writeln!(
-            o,
-            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="Helvetica, Arial, sans-serif" font-size="12">"#
-        );
-        let _ = writeln!(o, r#"<rect width="100%" height="100%" fill="white"/>"#);
-        let _ = writeln!(
-            o,
-            r#"<text x="{:.1}" y="24" text-anchor="middle" font-size="15" font-weight="bold">{}</text>"#,
-            LEFT + PLOT_W / 2.0,
-            escape(&self.title)
-        );
-        // Grid and ticks.
-        o.push_str("<g class=\"grid\" stroke=\"#e3e3e3\" stroke-width=\"1\">\n");
-        for &t in &x_ticks {
-            let _ = writeln!(o, r#"<line x1="{0:.1}" y1="{TOP}" x2="{0:.1}" y2="{1:.1}"/>"#, fx(t), TOP + PLOT_H);
-        }
-        for &t in &y_ticks {
-            let _ = writeln!(o, r#"<line x1="{LEFT}" y1="{0:.1}" x2="{1:.1}" y2="{0:.1}"/>"#, fy(t), LEFT + PLOT_W);
-        }
-        o.push_str("</g>\n");
-        let _ = writeln!(
-            o,
-            r##"<rect class="frame" x="{LEFT}" y="{TOP}" width="{PLOT_W}" height="{PLOT_H}" fill="none" stroke="#555"/>"##
-        );
-        o.push_str("<g class=\"ticks\" fill=\"#333\">\n");
-        for &t in &x_ticks {
-            let _ = writeln!(
-                o,
-                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-                fx(t),
-                TOP + PLOT_H + 18.0,
-                escape(&(self.x_format)(t))
-            );
-        }
-        for &t in &y_ticks {
-            let _ = writeln!(
-                o,
-                r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
-                LEFT - 8.0,
-                fy(t) + 4.0,
-                escape(&(self.y_format)(t))
-            );
-        }
-        o.push_str("</g>\n");
-        let _ = writeln!(
-            o,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="13">{}</text>"#,
-            LEFT + PLOT_W / 2.0,
-            TOP + PLOT_H + 42.0,
-            escape(&self.x_label)
-        );
-        let _ = writeln!(
-            o,
-            r#"<text transform="translate(18 {:.1}) rotate(-90)" text-anchor="middle" font-size="13">{}</text>"#,
-            TOP + PLOT_H / 2.0,
-            escape(&self.y_label)
-        );
-        // Lines and markers.
-        for s in &self.series {
-            let pts: Vec<String> = s
-                .points
-                .iter()
-                .filter(|p| self.visible(**p))
-                .map(|&(x, y)| format!("{:.1},{:.1}", fx(x), fy(y)))
-                .collect();
-            let dash = if s.dashed { r#" stroke-dasharray="7 4""# } else { "" };
-            let _ = writeln!(
-                o,
-                r#"<polyline class="series" points="{}" fill="none" stroke="{}" stroke-width="2"{dash}><title>{}</title></polyline>"#,
-                pts.join(" "),
-                escape(&s.color),
-                escape(&s.label)
-            );
-            for p in &pts {
-                let (x, y) = p.split_once(',').unwrap_or(("0", "0"));
-                let _ = writeln!(o, r#"<circle cx="{x}" cy="{y}" r="3" fill="{}"/>"#, escape(&s.color));
-            }
-        }
-        // Legend.
-        o.push_str("<g class=\"legend\">\n");
-        for (i, s) in legend.iter().enumerate() {
-            let y = TOP + 10.0 + i as f64 * LEGEND_ROW;
-            let dash = if s.dashed { r#" stroke-dasharray="7 4""# } else { "" };
-            let _ = writeln!(
-                o,
-                r#"<line x1="{LEGEND_X}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="{}" stroke-width="2.5"{dash}/>"#,
-                LEGEND_X + 30.0,
-                escape(&s.color)
-            );
-            let _ = writeln!(o, r#"<text x="{:.1}" y="{:.1}">{}</text>"#, LEGEND_X + 38.0, y + 4.0, escape(&s.label));
-        }
-        o.push_str("</g>\n</svg>\n");
-        o
-    }
+/// The middle of the legend's row `row` (from 0), from the top.
+fn legend_y(row: usize) -> i32 {
+    i32::try_from(row).unwrap_or(i32::MAX).saturating_mul(LEGEND_ROW).saturating_add(LEGEND_TOP)
 }
 
 fn min_max(it: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
@@ -281,8 +184,142 @@ fn min_max(it: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
     })
 }
 
+/// A chart axis for plotters: linear or log₁₀ from the first tick to the last, with exactly those ticks as
+/// its grid lines and labels (plotters' own tick choice is not used).
+struct Axis {
+    ticks: Vec<f64>,
+    log: bool,
+}
+
+impl Axis {
+    /// Where `v` falls between the first and the last tick, as a fraction (0.5 for a degenerate axis).
+    fn fraction(&self, v: f64) -> f64 {
+        let f = |x: f64| if self.log { x.log10() } else { x };
+        let (lo, hi) = match (self.ticks.first(), self.ticks.last()) {
+            (Some(&lo), Some(&hi)) => (f(lo), f(hi)),
+            _ => return 0.5,
+        };
+        let t = (f(v) - lo) / (hi - lo);
+        if t.is_finite() { t } else { 0.5 }
+    }
+}
+
+impl Ranged for Axis {
+    type FormatOption = DefaultFormatting;
+    type ValueType = f64;
+
+    fn map(&self, v: &f64, limit: (i32, i32)) -> i32 {
+        limit.0 + (self.fraction(*v) * f64::from(limit.1 - limit.0)).round() as i32
+    }
+
+    fn key_points<Hint: KeyPointHint>(&self, hint: Hint) -> Vec<f64> {
+        if hint.weight().allow_light_points() { Vec::new() } else { self.ticks.clone() }
+    }
+
+    fn range(&self) -> Range<f64> {
+        match (self.ticks.first(), self.ticks.last()) {
+            (Some(&lo), Some(&hi)) => lo..hi,
+            _ => 0.0..1.0,
+        }
+    }
+}
+
+type DrawResult = Result<(), DrawingAreaErrorKind<std::io::Error>>;
+
+impl Chart {
+    fn visible(&self, (x, y): (f64, f64)) -> bool {
+        x.is_finite() && y.is_finite() && (self.x_scale != Scale::Log10 || x > 0.0)
+    }
+
+    /// The legend's entries: the first series of each label, in order.
+    pub fn legend(&self) -> Vec<&Series> {
+        let mut legend: Vec<&Series> = Vec::new();
+        for s in &self.series {
+            if !legend.iter().any(|l| l.label == s.label) {
+                legend.push(s);
+            }
+        }
+        legend
+    }
+
+    /// The chart as a standalone SVG document.
+    pub fn to_svg(&self) -> Result<String, DrawError> {
+        let pts: Vec<(f64, f64)> =
+            self.series.iter().flat_map(|s| s.points.iter().copied()).filter(|p| self.visible(*p)).collect();
+        let (xmin, xmax) = min_max(pts.iter().map(|p| p.0)).unwrap_or((1.0, 10.0));
+        let (ymin, ymax) = min_max(pts.iter().map(|p| p.1)).unwrap_or((0.0, 1.0));
+        let x = match self.x_scale {
+            Scale::Linear { integer } => Axis { ticks: linear_ticks(xmin, xmax, 8, integer), log: false },
+            Scale::Log10 => Axis { ticks: log_ticks(xmin, xmax), log: true },
+        };
+        let y = Axis { ticks: linear_ticks(ymin, ymax, 8, false), log: false };
+        // Tall enough for the legend.
+        let below_legend = legend_y(self.legend().len()).saturating_add(LEGEND_ROW);
+        let height = MIN_HEIGHT.max(u32::try_from(below_legend).unwrap_or(u32::MAX));
+        let mut svg = String::new();
+        {
+            let root = SVGBackend::with_string(&mut svg, (WIDTH, height)).into_drawing_area();
+            let drawn = self.draw(&root, x, y);
+            drawn.and_then(|()| root.present()).map_err(|e| DrawError(e.to_string()))?;
+        }
+        Ok(svg)
+    }
+
+    /// Draws the chart on `root`: title, grid, axes and tick labels over `x` × `y`, the lines, the legend.
+    fn draw(&self, root: &DrawingArea<SVGBackend<'_>, Shift>, x: Axis, y: Axis) -> DrawResult {
+        root.fill(&WHITE)?;
+        let (plot_area, legend_area) = root.split_horizontally(LEGEND_X);
+        let mut chart = ChartBuilder::on(&plot_area)
+            .caption(&self.title, (FONT, TITLE_SIZE).into_font().style(FontStyle::Bold))
+            .margin(10)
+            .x_label_area_size(50)
+            .y_label_area_size(64)
+            .build_cartesian_2d(x, y)?;
+        let x_format = |v: &f64| (self.x_format)(*v);
+        let y_format = |v: &f64| (self.y_format)(*v);
+        chart
+            .configure_mesh()
+            .bold_line_style(GRID.stroke_width(1))
+            .axis_style(AXIS.stroke_width(1))
+            .label_style((FONT, TEXT_SIZE).into_font().color(&TEXT))
+            .axis_desc_style((FONT, AXIS_LABEL_SIZE))
+            .x_desc(self.x_label.as_str())
+            .y_desc(self.y_label.as_str())
+            .x_label_formatter(&x_format)
+            .y_label_formatter(&y_format)
+            .draw()?;
+        for s in &self.series {
+            let points: Vec<(f64, f64)> = s.points.iter().copied().filter(|p| self.visible(*p)).collect();
+            if points.is_empty() {
+                continue;
+            }
+            let style = s.color.stroke_width(LINE_WIDTH);
+            if s.dashed {
+                chart.draw_series([DashedPathElement::new(points.clone(), DASH.0, DASH.1, style)])?;
+            } else {
+                chart.draw_series([PathElement::new(points.clone(), style)])?;
+            }
+            chart.draw_series(points.into_iter().map(|p| Circle::new(p, MARKER_RADIUS, s.color.filled())))?;
+        }
+        let label_style = (FONT, TEXT_SIZE).into_font().color(&BLACK).pos(Pos::new(HPos::Left, VPos::Center));
+        for (i, s) in self.legend().into_iter().enumerate() {
+            let y = legend_y(i);
+            let sample = [(8, y), (38, y)];
+            let style = s.color.stroke_width(LINE_WIDTH + 1);
+            if s.dashed {
+                legend_area.draw(&DashedPathElement::new(sample, DASH.0, DASH.1, style))?;
+            } else {
+                legend_area.draw(&PathElement::new(sample, style))?;
+            }
+            legend_area.draw(&Text::new(s.label.as_str(), (46, y), label_style.clone()))?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{attr, elements, polylines, texts};
     use super::*;
 
     fn chart(scale: Scale, series: Vec<Series>) -> Chart {
@@ -297,8 +334,8 @@ mod tests {
         }
     }
 
-    fn series(label: &str, dashed: bool, points: &[(f64, f64)]) -> Series {
-        Series { label: label.into(), color: PALETTE[0].into(), dashed, points: points.to_vec() }
+    fn series(label: &str, color: RGBColor, dashed: bool, points: &[(f64, f64)]) -> Series {
+        Series { label: label.into(), color, dashed, points: points.to_vec() }
     }
 
     #[test]
@@ -334,43 +371,58 @@ mod tests {
     }
 
     #[test]
-    fn svg_is_well_formed_with_one_polyline_per_series_and_one_legend_entry_per_label() {
+    fn svg_is_well_formed_with_one_line_per_series_and_one_legend_entry_per_label() {
+        let [solid, dashed, empty] = [PALETTE[0], PALETTE[1], PALETTE[2]];
         let c = chart(
             Scale::Log10,
             vec![
-                series("fedsb r16 iid", false, &[(1e4, 0.7), (2e4, 0.8)]),
-                series("fedsb r16 iid", false, &[(1e4, 0.72), (2e4, 0.79)]),
-                series("fedit r16 dirichlet", true, &[(1e6, 0.6), (2e6, f64::NAN), (3e6, 0.75)]),
-                series("empty", false, &[(0.0, 0.5)]),
+                series("fedsb r16 iid", solid, false, &[(1e4, 0.7), (2e4, 0.8)]),
+                series("fedsb r16 iid", solid, false, &[(1e4, 0.72), (2e4, 0.79)]),
+                series("fedit r16 dirichlet", dashed, true, &[(1e6, 0.6), (2e6, f64::NAN), (3e6, 0.75)]),
+                series("empty", empty, false, &[(0.0, 0.5)]),
             ],
         );
-        let svg = c.to_svg();
-        assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
+        let svg = c.to_svg().unwrap();
+        assert!(svg.starts_with("<svg ") && svg.contains("xmlns=\"http://www.w3.org/2000/svg\""), "{svg}");
         assert!(svg.trim_end().ends_with("</svg>"));
-        assert_eq!(svg.matches("<polyline").count(), 4);
-        assert_eq!(svg.matches("</polyline>").count(), 4);
-        // Legend: one entry per distinct label.
-        let legend = svg.split("<g class=\"legend\">").nth(1).unwrap();
-        assert_eq!(legend.matches("<line").count(), 3);
-        assert!(legend.contains("stroke-dasharray"));
-        // The title is escaped; the NaN and the x = 0 point (log axis) are dropped: 2 + 2 + 2 + 0 markers.
-        assert!(svg.contains("A &amp; B &lt;test&gt;"));
-        assert_eq!(svg.matches("<circle").count(), 6);
+        // A solid series is one polyline with a marker per point; a dashed one is drawn in short dashes.
+        assert_eq!(polylines(&svg, solid, LINE_WIDTH).len(), 2);
+        let dashes = polylines(&svg, dashed, LINE_WIDTH);
+        assert!(dashes.len() >= 2, "{svg}");
+        // The x = 0 point (log axis) and the NaN are dropped: no line for "empty"; 2 + 2 + 2 + 0 markers.
+        assert!(polylines(&svg, empty, LINE_WIDTH).is_empty());
+        assert_eq!(elements(&svg, "circle").len(), 6);
+        for e in elements(&svg, "circle") {
+            assert_eq!(attr(e, "r"), Some("3"), "{e}");
+        }
         assert!(!svg.contains("NaN") && !svg.contains("inf"));
+        // Legend: one entry per distinct label, its sample solid or dashed like its lines.
+        let texts = texts(&svg);
+        for label in ["fedsb r16 iid", "fedit r16 dirichlet", "empty"] {
+            assert_eq!(texts.iter().filter(|t| **t == label).count(), 1, "{label}: {texts:?}");
+        }
+        assert_eq!(polylines(&svg, solid, LINE_WIDTH + 1).len(), 1);
+        assert!(polylines(&svg, dashed, LINE_WIDTH + 1).len() >= 2);
+        assert_eq!(polylines(&svg, empty, LINE_WIDTH + 1).len(), 1);
+        // The title (escaped) and the axis labels.
+        assert!(svg.contains("A &amp; B &lt;test&gt;"));
+        assert!(texts.contains(&"x") && texts.contains(&"y"), "{texts:?}");
         // Log ticks: 10 kB … 10 MB decades.
         for t in ["10 kB", "100 kB", "1 MB", "10 MB"] {
-            assert!(svg.contains(&format!(">{t}</text>")), "{t}");
+            assert!(texts.contains(&t), "{t}: {texts:?}");
         }
         // Every opened element is closed (a crude well-formedness check: tags balance).
-        for tag in ["svg", "g", "text", "polyline"] {
-            let open = svg.matches(&format!("<{tag} ")).count() + svg.matches(&format!("<{tag}>")).count();
-            assert_eq!(open, svg.matches(&format!("</{tag}>")).count(), "{tag}");
+        for tag in ["svg", "text"] {
+            assert_eq!(elements(&svg, tag).len(), svg.matches(&format!("</{tag}>")).count(), "{tag}");
+        }
+        for tag in ["polyline", "circle", "line", "rect"] {
+            assert!(elements(&svg, tag).iter().all(|e| e.ends_with('/')), "{tag}");
         }
     }
 
     #[test]
     fn empty_chart_still_renders() {
-        let svg = chart(Scale::Linear { integer: true }, vec![]).to_svg();
+        let svg = chart(Scale::Linear { integer: true }, vec![]).to_svg().unwrap();
         assert!(svg.contains("</svg>"));
         assert!(!svg.contains("NaN"));
     }

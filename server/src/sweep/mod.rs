@@ -33,7 +33,7 @@
 //! - [`runner`]: the run folders, each run's `local` process, skipping complete runs on resume.
 //! - [`results`]: what a run's folder says ([`RunResult`]), `results.csv` and `rounds.csv`.
 //! - [`report`]: `results.md` (setup, runs, per-method and privacy tables) and the two accuracy charts.
-//! - [`chart`]: the SVG line chart those are drawn with.
+//! - [`chart`]: the SVG line chart those are drawn with (plotters).
 //!
 //! [`write_reports`] ties results and report together: the runner calls it after every run, `--report-only`
 //! alone.
@@ -89,7 +89,7 @@ pub enum SweepError {
         /// What is wrong.
         message: String,
     },
-    /// Writing a CSV report failed.
+    /// Writing a CSV report or drawing a chart failed.
     #[error("{file}: {message}")]
     Report {
         /// The report file.
@@ -119,14 +119,20 @@ pub fn write_reports(spec: &SweepSpec, out: &Path) -> Result<Vec<RunResult>, Swe
         results_csv(&results)?,
         results_markdown(spec, &results),
         rounds_csv(&results)?,
-        accuracy_chart(spec, &results, false).to_svg(),
-        accuracy_chart(spec, &results, true).to_svg(),
+        chart_svg(spec, &results, false)?,
+        chart_svg(spec, &results, true)?,
     ];
     for (name, text) in REPORT_FILES.iter().zip(files) {
         let p = out.join(name);
         std::fs::write(&p, text).map_err(io_err(&p))?;
     }
     Ok(results)
+}
+
+/// The accuracy chart against the round (`by_bytes` false) or the bytes, as SVG.
+fn chart_svg(spec: &SweepSpec, results: &[RunResult], by_bytes: bool) -> Result<String, SweepError> {
+    let file = if by_bytes { "accuracy_vs_bytes.svg" } else { "accuracy_vs_round.svg" };
+    accuracy_chart(spec, results, by_bytes).to_svg().map_err(|e| SweepError::Report { file, message: e.to_string() })
 }
 
 #[cfg(test)]
@@ -156,8 +162,8 @@ mod tests {
             results_csv(&results).unwrap(),
             results_markdown(&spec, &results),
             rounds_csv(&results).unwrap(),
-            accuracy_chart(&spec, &results, false).to_svg(),
-            accuracy_chart(&spec, &results, true).to_svg(),
+            accuracy_chart(&spec, &results, false).to_svg().unwrap(),
+            accuracy_chart(&spec, &results, true).to_svg().unwrap(),
         ];
         for (f, want) in REPORT_FILES.iter().zip(expected) {
             assert_eq!(std::fs::read_to_string(out.join(f)).unwrap(), want, "{f}");

@@ -213,7 +213,7 @@ pub fn accuracy_chart(spec: &SweepSpec, results: &[RunResult], by_bytes: bool) -
         }
         series.push(Series {
             label: r.run.label(),
-            color: PALETTE[idx % PALETTE.len()].to_string(),
+            color: PALETTE[idx % PALETTE.len()],
             dashed: r.run.split == SplitKind::Dirichlet,
             points,
         });
@@ -243,10 +243,12 @@ pub fn accuracy_chart(spec: &SweepSpec, results: &[RunResult], by_bytes: bool) -
 
 #[cfg(test)]
 mod tests {
+    use super::super::chart::LINE_WIDTH;
     use super::super::results::collect_results;
-    use super::super::testing::{fake_run, line, parse, privacy_spec, synthetic_runs};
+    use super::super::testing::{elements, fake_run, line, parse, polylines, privacy_spec, synthetic_runs, texts};
     use super::super::write_reports;
     use super::*;
+    use plotters::style::RGBColor;
 
     /// The results and CSV of the same runs are checked in `results`' tests.
     #[test]
@@ -268,14 +270,30 @@ mod tests {
         assert!(md.contains("| fedsb | 16 | iid | 1 | 80.00 % |"), "{md}");
         assert!(md.contains("![Accuracy vs round](accuracy_vs_round.svg)"));
 
-        // Charts: one line per run with results (3), a dashed one for the non-IID run.
+        // Charts: one line per run with results (3), a dashed one for the non-IID run; a marker per round.
         for by_bytes in [false, true] {
-            let svg = accuracy_chart(&spec, &results, by_bytes).to_svg();
-            assert_eq!(svg.matches("<polyline").count(), 3, "by bytes: {by_bytes}");
-            assert!(svg.contains("fedsb r16 non-IID (α=0.5)"), "by bytes: {by_bytes}");
+            let chart = accuracy_chart(&spec, &results, by_bytes);
+            let lines: Vec<(&str, RGBColor, bool)> =
+                chart.series.iter().map(|s| (s.label.as_str(), s.color, s.dashed)).collect();
+            assert_eq!(
+                lines,
+                [
+                    ("fedsb r16 iid", PALETTE[0], false),
+                    ("fedit r16 iid", PALETTE[1], false),
+                    ("fedsb r16 non-IID (α=0.5)", PALETTE[0], true)
+                ],
+                "by bytes: {by_bytes}"
+            );
+            let svg = chart.to_svg().unwrap();
+            // fedit: one solid polyline; fedsb: its IID line and the dashes of its non-IID line.
+            assert_eq!(polylines(&svg, PALETTE[1], LINE_WIDTH).len(), 1, "by bytes: {by_bytes}");
+            assert!(polylines(&svg, PALETTE[0], LINE_WIDTH).len() >= 3, "by bytes: {by_bytes}");
+            assert_eq!(elements(&svg, "circle").len(), 2 + 1 + 2, "by bytes: {by_bytes}");
+            assert!(texts(&svg).contains(&"fedsb r16 non-IID (α=0.5)"), "by bytes: {by_bytes}");
         }
-        let svg = accuracy_chart(&spec, &results, true).to_svg();
-        assert!(svg.contains(">1 kB</text>") && svg.contains(">100 kB</text>"), "log ticks");
+        let svg = accuracy_chart(&spec, &results, true).to_svg().unwrap();
+        let texts = texts(&svg);
+        assert!(texts.contains(&"1 kB") && texts.contains(&"100 kB"), "log ticks: {texts:?}");
     }
 
     #[test]
@@ -290,9 +308,13 @@ mod tests {
         // Mean 75 %, sample standard deviation of 70 and 80: 7.07.
         assert!(md.contains("| fedsb | 16 | iid | 2 | 75.00 % ± 7.07 | 10 B | 10 B | 40 B | 15 s |"), "{md}");
         // Both seeds share a legend entry and a colour.
-        let svg = accuracy_chart(&spec, &collect_results(&spec, out).unwrap(), false).to_svg();
-        assert_eq!(svg.matches("<polyline").count(), 2);
-        assert_eq!(svg.split("<g class=\"legend\">").nth(1).unwrap().matches("<line").count(), 1);
+        let chart = accuracy_chart(&spec, &collect_results(&spec, out).unwrap(), false);
+        assert_eq!(chart.series.len(), 2);
+        assert!(chart.series.iter().all(|s| s.label == "fedsb r16 iid" && s.color == PALETTE[0] && !s.dashed));
+        let svg = chart.to_svg().unwrap();
+        assert_eq!(polylines(&svg, PALETTE[0], LINE_WIDTH).len(), 2);
+        assert_eq!(polylines(&svg, PALETTE[0], LINE_WIDTH + 1).len(), 1);
+        assert_eq!(texts(&svg).iter().filter(|t| **t == "fedsb r16 iid").count(), 1);
     }
 
     /// The runs of a privacy sweep are checked in `spec`'s tests.

@@ -1,7 +1,9 @@
 //! Test helpers shared by the sweep modules' tests: sweeps parsed from text, and run folders as a finished
 //! `local` run leaves them (a `metrics.jsonl` and the sweep's stamp), so results and reports can be checked
-//! without running anything.
+//! without running anything; and a little SVG inspection for the charts.
 use std::path::Path;
+
+use plotters::style::RGBColor;
 
 use super::SweepError;
 use super::runner::{RunStamp, STAMP_FILE, run_dir};
@@ -71,4 +73,33 @@ pub(crate) fn synthetic_runs(out: &Path) -> SweepSpec {
     );
     fake_run(out, run("fedit-r16-iid-s42"), &[line(1, "completed", 0.55, 5000, 5000)], false, 3.0);
     spec
+}
+
+/// The opening tags of an SVG's `tag` elements, in order, without the closing `>` (self-closing ones end in `/`).
+pub(crate) fn elements<'a>(svg: &'a str, tag: &str) -> Vec<&'a str> {
+    let open = format!("<{tag} ");
+    svg.match_indices(&open).map(|(i, _)| &svg[i..i + svg[i..].find('>').unwrap_or(svg.len() - i)]).collect()
+}
+
+/// An attribute's value in an opening tag.
+pub(crate) fn attr<'a>(element: &'a str, name: &str) -> Option<&'a str> {
+    let key = format!(" {name}=\"");
+    let start = element.find(&key)? + key.len();
+    Some(&element[start..start + element[start..].find('"')?])
+}
+
+/// The text of every `<text>` element, trimmed.
+pub(crate) fn texts(svg: &str) -> Vec<&str> {
+    svg.split("<text ").skip(1).filter_map(|t| Some(t[t.find('>')? + 1..t.find("</text>")?].trim())).collect()
+}
+
+/// The `<polyline>`s drawn in `color`, `width` pixels wide: a chart's series lines or dashes at
+/// [`LINE_WIDTH`](super::chart::LINE_WIDTH), its legend samples a pixel wider.
+pub(crate) fn polylines(svg: &str, color: RGBColor, width: u32) -> Vec<&str> {
+    let hex = format!("#{:02X}{:02X}{:02X}", color.0, color.1, color.2);
+    let width = width.to_string();
+    elements(svg, "polyline")
+        .into_iter()
+        .filter(|e| attr(e, "stroke") == Some(hex.as_str()) && attr(e, "stroke-width") == Some(width.as_str()))
+        .collect()
 }
