@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use fedsb_server::sweep::{SweepSpec, accuracy_chart, collect_results};
+
 const SERVER: &str = env!("CARGO_BIN_EXE_fedsb-server");
 
 /// The `fedsb-client` executable next to `fedsb-server`: this crate's tests cannot name another package's
@@ -131,11 +133,22 @@ eval = "eval.jsonl"
     for name in RUNS {
         assert!(md.contains(&format!("| {name} | completed | 2/2 |")), "{md}");
     }
-    for f in ["accuracy_vs_round.svg", "accuracy_vs_bytes.svg"] {
+    // Charts: one line per run with a marker per round, the non-IID lines dashed (plotters draws a dashed line
+    // as short polylines), a legend entry per run.
+    let spec = SweepSpec::load(&config).unwrap();
+    let results = collect_results(&spec, &out).unwrap();
+    for (f, by_bytes) in [("accuracy_vs_round.svg", false), ("accuracy_vs_bytes.svg", true)] {
         let svg = std::fs::read_to_string(out.join(f)).unwrap();
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{f}");
-        assert_eq!(svg.matches("<polyline").count(), 4, "{f}: one line per run");
-        assert_eq!(svg.matches("stroke-dasharray").count(), 2 + 2, "{f}: non-IID lines and their legend entries");
+        let chart = accuracy_chart(&spec, &results, by_bytes);
+        assert_eq!(chart.series.len(), 4, "{f}: one line per run");
+        assert_eq!(chart.series.iter().filter(|s| s.dashed).count(), 2, "{f}: the non-IID lines are dashed");
+        assert_eq!(svg, chart.to_svg().unwrap(), "{f}: the file draws that chart");
+        assert_eq!(svg.matches("<circle").count(), 4 * 2, "{f}: a marker per round of each run");
+        assert!(svg.matches("stroke-width=\"2\"").count() >= 2 + 2 * 2, "{f}: two solid lines, two in dashes");
+        for label in ["fedsb r4 iid", "fedit r4 iid", "fedsb r4 non-IID (α=1)", "fedit r4 non-IID (α=1)"] {
+            assert_eq!(svg.matches(&format!(">\n{label}\n</text>")).count(), 1, "{f}: the legend entry {label}");
+        }
     }
 
     // Again: everything is complete and skipped; the reports are the same.
