@@ -13,7 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::TlsConnectInfo;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::coordinator::{Coordinator, now_ms};
+use crate::coordinator::{Coordinator, UploadSize, now_ms};
 use crate::net::{ConnInfo, Counters};
 use crate::round::{Poll, Reject, UpdateKey, UpdateMeta};
 
@@ -134,17 +134,7 @@ impl CoordinatorRpc for Service {
                 Status::failed_precondition(format!("this run requires DP-SGD and cannot take this client: {e}"))
             })?;
         }
-        let now = now_ms();
-        self.c.engine().join(&id, r.num_examples, now);
-        let rec = crate::store::ClientRecord {
-            client_id: id.clone(),
-            num_examples: r.num_examples,
-            joined_unix_ms: now,
-            last_seen_unix_ms: now,
-        };
-        if let Err(e) = self.c.store().upsert_client(&self.c.run_id, &rec) {
-            tracing::warn!("could not record client {id}: {e}");
-        }
+        self.c.join(&id, r.num_examples);
         tracing::info!("client {id} joined ({} examples, version {})", r.num_examples, r.client_version);
         self.c.notify.notify_waiters();
         let init = self.c.blob(&self.c.init_sha256).ok_or_else(|| Status::internal("the init blob is missing"))?;
@@ -326,12 +316,8 @@ impl CoordinatorRpc for Service {
             return Err(Status::invalid_argument("train_loss is not finite"));
         }
         let key = UpdateKey { run_id: &h.run_id, round: h.round, task_id: &h.task_id };
-        let _events = self.c.event_guard();
-        let ev = self.c.engine().submit(&id, key, &update, meta, now_ms());
-        let ev = ev.map_err(|e| reject_status(&e))?;
-        self.c.record_round_traffic(h.round, &id, Direction::Up, payload, message);
-        tracing::info!("round {}: update from {id} accepted ({} bytes)", h.round, blob.size);
-        self.c.handle(Ok(ev));
+        let size = UploadSize { blob: blob.size, payload, message };
+        self.c.submit(&id, key, &update, meta, size).map_err(|e| reject_status(&e))?;
         Ok(Response::new(pb::SubmitReply { accepted: true, message: "accepted".into() }))
     }
 
@@ -347,12 +333,7 @@ impl CoordinatorRpc for Service {
             return Err(reject_status(&Reject::UnknownRun(r.run_id)));
         }
         let reason: String = r.reason.chars().take(500).collect();
-        let _events = self.c.event_guard();
-        let ev = self.c.engine().leave(&id, &reason, now_ms()).map_err(|e| reject_status(&e))?;
-        tracing::warn!("client {id} left the run: {reason}");
-        self.c.handle(Ok(ev));
-        drop(_events);
-        self.c.notify.notify_waiters();
+        self.c.leave(&id, &reason).map_err(|e| reject_status(&e))?;
         Ok(Response::new(pb::LeaveReply { message: format!("client {id} has left run {}", self.c.run_id) }))
     }
 }
