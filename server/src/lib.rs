@@ -57,7 +57,12 @@ pub async fn serve_until(
         let c = coord.clone();
         tokio::spawn(async move {
             loop {
-                c.tick();
+                // A tick may write a failed round to the store: off the async threads.
+                let t = c.clone();
+                if let Err(e) = tokio::task::spawn_blocking(move || t.tick()).await {
+                    tracing::error!("the round ticker stopped: {e}");
+                    return;
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
