@@ -60,6 +60,8 @@ mod eval;
 mod events;
 mod report;
 mod setup;
+#[cfg(test)]
+mod tests;
 mod traffic;
 
 pub use eval::describe_eval;
