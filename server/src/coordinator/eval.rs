@@ -24,9 +24,13 @@ pub(super) struct Evaluator {
 
 /// What the exact-match part of an evaluation decodes, and how.
 struct ExactMatchSet {
+    /// The prompt/response pairs scored.
     examples: Vec<Example>,
+    /// Encodes prompts, decodes answers.
     tokenizer: TextTokenizer,
+    /// Longest prompt, in tokens.
     max_len: usize,
+    /// Longest generated answer, in tokens.
     max_new_tokens: usize,
 }
 

@@ -127,6 +127,7 @@ impl Default for ServeOptions {
 /// the base folds of the committed rounds. One lock, so a round's global, product and fold appear together.
 #[derive(Default)]
 struct Served {
+    /// Blobs by sha256.
     blobs: HashMap<String, ServedBlob>,
     /// FedEx-LoRA, FLoRA: the folds of the committed rounds, in round order.
     folds: Vec<BaseFold>,

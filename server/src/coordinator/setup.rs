@@ -78,13 +78,19 @@ fn create_run(store: &dyn RunStore, spec: &ClientSpec, init_sha256: String) -> R
 /// Where a run starts: its init tensors, the frozen hash, the starting global (the round-0 one or, on resume,
 /// the last committed one) and the evaluator.
 struct RunStart {
+    /// The init blob's tensors (frozen factors and starting trainables).
     init: TensorSet,
     /// Values of one client update (the analytic minimum per client and direction).
     update_values: usize,
+    /// sha256 of the frozen adapter tensors.
     frozen_sha256: String,
+    /// The round-0 global.
     global0: TensorSet,
+    /// Rounds already committed (resume).
     completed: u64,
+    /// The last committed global's blob (resume), else None: the round-0 global.
     global_sha: Option<String>,
+    /// The evaluator, when the config asks for evaluation.
     evaluator: Option<Mutex<Evaluator>>,
 }
 

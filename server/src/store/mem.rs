@@ -49,6 +49,7 @@ pub enum StoreCall {
 /// What a [`MemStore`] holds.
 #[derive(Default)]
 struct State {
+    /// Blobs by sha256.
     blobs: HashMap<String, Vec<u8>>,
     /// In creation order.
     runs: Vec<RunRecord>,
@@ -58,10 +59,12 @@ struct State {
     rounds: Vec<(String, RoundRecord)>,
     /// `(run_id, row)`, in insertion order.
     ledger: Vec<(String, LedgerRow)>,
+    /// Every write, in order.
     calls: Vec<StoreCall>,
 }
 
 impl State {
+    /// NotFound unless `run_id` was created.
     fn require_run(&self, run_id: &str) -> Result<(), StoreError> {
         match self.runs.iter().any(|r| r.run_id == run_id) {
             true => Ok(()),
@@ -74,6 +77,7 @@ impl State {
 /// clone to inspect what the coordinator wrote through the other.
 #[derive(Clone, Default)]
 pub struct MemStore {
+    /// Shared by every clone.
     state: Arc<Mutex<State>>,
 }
 
@@ -88,6 +92,7 @@ impl MemStore {
         self.state().calls.clone()
     }
 
+    /// The state, locked (a poisoned lock is recovered: each write is all-or-nothing).
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
