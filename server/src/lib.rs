@@ -2,9 +2,10 @@
 //!
 //! - [`config`]: the run configuration (TOML).
 //! - [`round`]: the round state machine (pure: no I/O, no clock).
-//! - [`coordinator`]: one run — engine, store, blobs, ledger, evaluation.
+//! - [`coordinator`]: one run — engine, store, blobs, ledger, evaluation (setup, events, traffic, reports).
 //! - [`service`]: the gRPC handlers (the only place tonic types meet the run).
-//! - [`store`]: SQLite state and content-addressed blob files.
+//! - [`store`]: SQLite state and content-addressed blob files, behind the [`store::RunStore`] trait (with an
+//!   in-memory twin, [`store::mem::MemStore`]).
 //! - [`net`]: byte counting on the socket.
 //! - [`certs`]: development certificates.
 //! - [`local`]: a whole federation on one machine.
@@ -56,7 +57,12 @@ pub async fn serve_until(
         let c = coord.clone();
         tokio::spawn(async move {
             loop {
-                c.tick();
+                // A tick may write a failed round to the store: off the async threads.
+                let t = c.clone();
+                if let Err(e) = tokio::task::spawn_blocking(move || t.tick()).await {
+                    tracing::error!("the round ticker stopped: {e}");
+                    return;
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })

@@ -1,5 +1,9 @@
 //! The gRPC service: thin handlers that authenticate the caller, decode, call the [`Coordinator`] and map
 //! its refusals to gRPC statuses. Only this module (and `main.rs`) sees tonic and prost types.
+//!
+//! **Invariant:** no handler blocks an async thread on the store or on an event being handled: the
+//! coordinator calls that may (join, submit, leave, the init download's ledger row, the status document) run
+//! under [`spawn_blocking`](tokio::task::spawn_blocking).
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::TlsConnectInfo;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::coordinator::{Coordinator, now_ms};
+use crate::coordinator::{Coordinator, UploadSize, now_ms};
 use crate::net::{ConnInfo, Counters};
 use crate::round::{Poll, Reject, UpdateKey, UpdateMeta};
 
@@ -113,6 +117,11 @@ pub fn reject_status(r: &Reject) -> Status {
     }
 }
 
+/// Runs `f` on a blocking thread (store calls, aggregation, decoding), its panic an internal error.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(e.to_string()))
+}
+
 fn blob_ref(sha: &str, size: usize) -> pb::BlobRef {
     pb::BlobRef { sha256: sha.to_string(), size: size as u64 }
 }
@@ -134,17 +143,8 @@ impl CoordinatorRpc for Service {
                 Status::failed_precondition(format!("this run requires DP-SGD and cannot take this client: {e}"))
             })?;
         }
-        let now = now_ms();
-        self.c.engine().join(&id, r.num_examples, now);
-        let rec = crate::store::ClientRecord {
-            client_id: id.clone(),
-            num_examples: r.num_examples,
-            joined_unix_ms: now,
-            last_seen_unix_ms: now,
-        };
-        if let Err(e) = self.c.store().upsert_client(&self.c.run_id, &rec) {
-            tracing::warn!("could not record client {id}: {e}");
-        }
+        let (c, client, n) = (self.c.clone(), id.clone(), r.num_examples);
+        blocking(move || c.join(&client, n)).await?;
         tracing::info!("client {id} joined ({} examples, version {})", r.num_examples, r.client_version);
         self.c.notify.notify_waiters();
         let init = self.c.blob(&self.c.init_sha256).ok_or_else(|| Status::internal("the init blob is missing"))?;
@@ -240,7 +240,7 @@ impl CoordinatorRpc for Service {
                     (Some(k), Some(w0)) => Some(k.written() + k.read() - w0),
                     _ => None,
                 };
-                c.record_init_download(&id, payload, message, wire);
+                let _ = tokio::task::spawn_blocking(move || c.record_init_download(&id, payload, message, wire)).await;
             } else {
                 c.record_global_download(&id, &r.sha256, payload, message);
             }
@@ -312,9 +312,8 @@ impl CoordinatorRpc for Service {
             return Err(Status::data_loss("the update's bytes do not match its sha256"));
         }
         let payload = safetensors_payload(&bytes).map_err(Status::invalid_argument)?;
-        let update = tokio::task::spawn_blocking(move || crate::coordinator::tensors_of(&bytes))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
+        let update = blocking(move || crate::coordinator::tensors_of(&bytes))
+            .await?
             .map_err(|e| Status::invalid_argument(format!("invalid update: {e}")))?;
         let meta = UpdateMeta {
             num_examples: h.num_examples,
@@ -325,18 +324,20 @@ impl CoordinatorRpc for Service {
         if !meta.train_loss.is_finite() {
             return Err(Status::invalid_argument("train_loss is not finite"));
         }
-        let key = UpdateKey { run_id: &h.run_id, round: h.round, task_id: &h.task_id };
-        let _events = self.c.event_guard();
-        let ev = self.c.engine().submit(&id, key, &update, meta, now_ms());
-        let ev = ev.map_err(|e| reject_status(&e))?;
-        self.c.record_round_traffic(h.round, &id, Direction::Up, payload, message);
-        tracing::info!("round {}: update from {id} accepted ({} bytes)", h.round, blob.size);
-        self.c.handle(Ok(ev));
+        let size = UploadSize { blob: blob.size, payload, message };
+        let c = self.c.clone();
+        blocking(move || {
+            let key = UpdateKey { run_id: &h.run_id, round: h.round, task_id: &h.task_id };
+            c.submit(&id, key, &update, meta, size)
+        })
+        .await?
+        .map_err(|e| reject_status(&e))?;
         Ok(Response::new(pb::SubmitReply { accepted: true, message: "accepted".into() }))
     }
 
     async fn get_status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
-        let json = self.c.status_json().map_err(|e| Status::internal(e.to_string()))?;
+        let c = self.c.clone();
+        let json = blocking(move || c.status_json()).await?.map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::StatusReply { json }))
     }
 
@@ -347,12 +348,8 @@ impl CoordinatorRpc for Service {
             return Err(reject_status(&Reject::UnknownRun(r.run_id)));
         }
         let reason: String = r.reason.chars().take(500).collect();
-        let _events = self.c.event_guard();
-        let ev = self.c.engine().leave(&id, &reason, now_ms()).map_err(|e| reject_status(&e))?;
-        tracing::warn!("client {id} left the run: {reason}");
-        self.c.handle(Ok(ev));
-        drop(_events);
-        self.c.notify.notify_waiters();
+        let (c, client) = (self.c.clone(), id.clone());
+        blocking(move || c.leave(&client, &reason)).await?.map_err(|e| reject_status(&e))?;
         Ok(Response::new(pb::LeaveReply { message: format!("client {id} has left run {}", self.c.run_id) }))
     }
 }

@@ -1,6 +1,9 @@
 //! The coordinator's durable state: one SQLite database (`state.sqlite`, via rusqlite with bundled SQLite) plus
 //! content-addressed blob files (`blobs/<sha256>.safetensors`). Only this module touches SQLite.
 //!
+//! The coordinator reaches its state through the [`RunStore`] trait, implemented by [`Store`] and by its
+//! in-memory twin [`mem::MemStore`] (unit tests of the coordinator's event handling, no files).
+//!
 //! # Layout
 //!
 //! ```text
@@ -75,6 +78,8 @@ use std::time::{Duration, SystemTime};
 
 use fedsb_common::wire::{is_sha256_hex, sha256_hex};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+
+pub mod mem;
 
 /// The schema version this build writes and understands.
 pub const SCHEMA_VERSION: i64 = 3;
@@ -452,6 +457,41 @@ fn insert_ledger(
     Ok(())
 }
 
+/// The checks of [`RunStore::commit_round`] made before anything is written, shared by [`Store`] and its twin:
+/// the status, a completed round's global, that the blobs the round names exist (`blob_exists` answers
+/// `Err(name)` for a missing one, `name` being what the error shows), and the ledger rows.
+fn check_commit(
+    r: &RoundRecord,
+    ledger: &[LedgerRow],
+    blob_exists: impl Fn(&str) -> Result<Result<(), String>, StoreError>,
+) -> Result<(), StoreError> {
+    check_one_of("round status", &r.status, &["completed", "failed"])?;
+    if r.status == "completed" && r.global_sha256.is_none() {
+        return Err(StoreError::Invalid(format!(
+            "round {} attempt {}: completed without a global",
+            r.round, r.attempt
+        )));
+    }
+    for hash in r.global_sha256.iter().chain(&r.product_sha256) {
+        if let Err(name) = blob_exists(hash)? {
+            return Err(StoreError::NotFound(format!(
+                "blob {name} of round {} (write it with put_blob before commit_round)",
+                r.round
+            )));
+        }
+    }
+    for row in ledger {
+        check_ledger_row(row)?;
+        if row.round != r.round {
+            return Err(StoreError::Invalid(format!(
+                "ledger row for round {} committed with round {}",
+                row.round, r.round
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn require_run(tx: &Transaction<'_>, run_id: &str) -> Result<(), StoreError> {
     let found: Option<i64> = tx.query_row("SELECT 1 FROM runs WHERE run_id = ?1", [run_id], |r| r.get(0)).optional()?;
     found.map(|_| ()).ok_or_else(|| StoreError::NotFound(format!("run {run_id:?}")))
@@ -651,32 +691,10 @@ impl Store {
     /// Also refused, with nothing written: an unknown run, a status other than `"completed"`/`"failed"`, a
     /// completed round without a global, a ledger row for another round, and a duplicate (round, attempt).
     pub fn commit_round(&self, run_id: &str, r: &RoundRecord, ledger: &[LedgerRow]) -> Result<(), StoreError> {
-        check_one_of("round status", &r.status, &["completed", "failed"])?;
-        if r.status == "completed" && r.global_sha256.is_none() {
-            return Err(StoreError::Invalid(format!(
-                "round {} attempt {}: completed without a global",
-                r.round, r.attempt
-            )));
-        }
-        for hash in r.global_sha256.iter().chain(&r.product_sha256) {
+        check_commit(r, ledger, |hash| {
             let path = self.blob_path(hash)?;
-            if !path.is_file() {
-                return Err(StoreError::NotFound(format!(
-                    "blob {} of round {} (write it with put_blob before commit_round)",
-                    path.display(),
-                    r.round
-                )));
-            }
-        }
-        for row in ledger {
-            check_ledger_row(row)?;
-            if row.round != r.round {
-                return Err(StoreError::Invalid(format!(
-                    "ledger row for round {} committed with round {}",
-                    row.round, r.round
-                )));
-            }
-        }
+            Ok(path.is_file().then_some(()).ok_or_else(|| path.display().to_string()))
+        })?;
         let (sampled, contributed, lost) = (to_json(&r.sampled)?, to_json(&r.contributed)?, to_json(&r.lost)?);
 
         let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
@@ -756,6 +774,87 @@ impl Store {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+/// The durable state of a run, as the coordinator uses it: blobs by content hash, the run, its clients, its
+/// rounds and its byte ledger. Implemented by [`Store`] (SQLite and blob files) and by [`mem::MemStore`] (memory,
+/// for tests).
+///
+/// Failure semantics, which every implementation keeps: a call that returns `Ok` is durable for that
+/// implementation; a call that returns `Err` wrote nothing (in particular [`RunStore::commit_round`] writes the
+/// round and all of its ledger rows, or none of them); writes are refused with [`StoreError::NotFound`] for an
+/// unknown run or a missing blob, [`StoreError::BadHash`] for a malformed hash and [`StoreError::Invalid`] for
+/// an inconsistent record. A duplicate run id or round attempt is refused too ([`Store`]: as
+/// [`StoreError::Sqlite`]). `Send`, not necessarily `Sync`: share it behind a `Mutex`.
+pub trait RunStore: Send {
+    /// Writes a blob durably and returns its lowercase hex sha256. Idempotent.
+    fn put_blob(&self, bytes: &[u8]) -> Result<String, StoreError>;
+    /// Reads a blob, checked against its hash.
+    fn get_blob(&self, sha256: &str) -> Result<Vec<u8>, StoreError>;
+    /// Records a new run (its `run_id` must be unused).
+    fn create_run(&self, run: &RunRecord) -> Result<(), StoreError>;
+    /// The run with this id, if any.
+    fn run(&self, run_id: &str) -> Result<Option<RunRecord>, StoreError>;
+    /// The most recently created run.
+    fn latest_run(&self) -> Result<Option<RunRecord>, StoreError>;
+    /// Sets a run's status (`"running"`, `"completed"` or `"failed"`) and message.
+    fn set_run_status(&self, run_id: &str, status: &str, message: &str) -> Result<(), StoreError>;
+    /// Inserts a client of a run, or updates its `num_examples` and `last_seen_unix_ms` (keeping its first join).
+    fn upsert_client(&self, run_id: &str, c: &ClientRecord) -> Result<(), StoreError>;
+    /// The clients of a run, ordered by id.
+    fn clients(&self, run_id: &str) -> Result<Vec<ClientRecord>, StoreError>;
+    /// Commits one round attempt and its ledger rows atomically, after its blobs were written.
+    fn commit_round(&self, run_id: &str, r: &RoundRecord, ledger: &[LedgerRow]) -> Result<(), StoreError>;
+    /// Records ledger rows outside a round (the one-time init downloads, round 0).
+    fn add_ledger(&self, run_id: &str, rows: &[LedgerRow]) -> Result<(), StoreError>;
+    /// All round attempts of a run, ordered by round, attempt.
+    fn rounds(&self, run_id: &str) -> Result<Vec<RoundRecord>, StoreError>;
+    /// The last completed round (highest round number with status completed), for `--resume`.
+    fn last_completed_round(&self, run_id: &str) -> Result<Option<RoundRecord>, StoreError>;
+    /// The byte ledger of a run, ordered by round, client, direction, transfer, then insertion order.
+    fn ledger(&self, run_id: &str) -> Result<Vec<LedgerRow>, StoreError>;
+}
+
+impl RunStore for Store {
+    fn put_blob(&self, bytes: &[u8]) -> Result<String, StoreError> {
+        Store::put_blob(self, bytes)
+    }
+    fn get_blob(&self, sha256: &str) -> Result<Vec<u8>, StoreError> {
+        Store::get_blob(self, sha256)
+    }
+    fn create_run(&self, run: &RunRecord) -> Result<(), StoreError> {
+        Store::create_run(self, run)
+    }
+    fn run(&self, run_id: &str) -> Result<Option<RunRecord>, StoreError> {
+        Store::run(self, run_id)
+    }
+    fn latest_run(&self) -> Result<Option<RunRecord>, StoreError> {
+        Store::latest_run(self)
+    }
+    fn set_run_status(&self, run_id: &str, status: &str, message: &str) -> Result<(), StoreError> {
+        Store::set_run_status(self, run_id, status, message)
+    }
+    fn upsert_client(&self, run_id: &str, c: &ClientRecord) -> Result<(), StoreError> {
+        Store::upsert_client(self, run_id, c)
+    }
+    fn clients(&self, run_id: &str) -> Result<Vec<ClientRecord>, StoreError> {
+        Store::clients(self, run_id)
+    }
+    fn commit_round(&self, run_id: &str, r: &RoundRecord, ledger: &[LedgerRow]) -> Result<(), StoreError> {
+        Store::commit_round(self, run_id, r, ledger)
+    }
+    fn add_ledger(&self, run_id: &str, rows: &[LedgerRow]) -> Result<(), StoreError> {
+        Store::add_ledger(self, run_id, rows)
+    }
+    fn rounds(&self, run_id: &str) -> Result<Vec<RoundRecord>, StoreError> {
+        Store::rounds(self, run_id)
+    }
+    fn last_completed_round(&self, run_id: &str) -> Result<Option<RoundRecord>, StoreError> {
+        Store::last_completed_round(self, run_id)
+    }
+    fn ledger(&self, run_id: &str) -> Result<Vec<LedgerRow>, StoreError> {
+        Store::ledger(self, run_id)
     }
 }
 
@@ -880,7 +979,7 @@ mod tests {
         assert!(matches!(store.commit_round("x", &r, &[]), Err(StoreError::BadHash(_))));
     }
 
-    fn populate(store: &Store) -> (String, String) {
+    fn populate(store: &dyn RunStore) -> (String, String) {
         store.create_run(&run_record("run-a", 10)).unwrap();
         store.create_run(&run_record("run-b", 20)).unwrap();
         store
@@ -944,7 +1043,7 @@ mod tests {
         (g1, g2)
     }
 
-    fn check_populated(store: &Store, g1: &str, g2: &str) {
+    fn check_populated(store: &dyn RunStore, g1: &str, g2: &str) {
         assert_eq!(store.run("run-a").unwrap(), Some(run_record("run-a", 10)));
         assert_eq!(store.run("nope").unwrap(), None);
         assert_eq!(store.latest_run().unwrap().unwrap().run_id, "run-b");
@@ -1005,6 +1104,65 @@ mod tests {
         assert!(matches!(store.set_run_status("run-a", "paused", ""), Err(StoreError::Invalid(_))));
         // Duplicate run id is refused.
         assert!(matches!(store.create_run(&run_record("run-a", 99)), Err(StoreError::Sqlite(_))));
+    }
+
+    #[test]
+    fn the_in_memory_twin_keeps_the_same_records() {
+        let store = mem::MemStore::new();
+        let (g1, g2) = populate(&store);
+        check_populated(&store, &g1, &g2);
+        assert_eq!(store.last_completed_round("run-b").unwrap(), Some(round_record(2, 1, "completed", Some(g2))));
+        store.set_run_status("run-a", "failed", "lost quorum").unwrap();
+        let a = store.run("run-a").unwrap().unwrap();
+        assert_eq!((a.status.as_str(), a.message.as_str()), ("failed", "lost quorum"));
+        assert!(matches!(store.set_run_status("nope", "failed", ""), Err(StoreError::NotFound(_))));
+        assert!(matches!(store.set_run_status("run-a", "paused", ""), Err(StoreError::Invalid(_))));
+        assert!(store.create_run(&run_record("run-a", 99)).is_err());
+        assert!(matches!(store.get_blob(&"A".repeat(64)), Err(StoreError::BadHash(_))));
+        assert!(matches!(store.get_blob(&sha256_hex(b"absent")), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn the_in_memory_twin_refuses_what_the_store_refuses() {
+        let store = mem::MemStore::new();
+        store.create_run(&run_record("r", 1)).unwrap();
+        let ledger = [ledger_row(1, "alice", "up", "round", 10)];
+        let missing = sha256_hex(b"never written");
+        let err = store.commit_round("r", &round_record(1, 0, "completed", Some(missing)), &ledger).unwrap_err();
+        assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+        let g = store.put_blob(b"g").unwrap();
+        let ok = round_record(1, 0, "completed", Some(g));
+        let mut no_global = ok.clone();
+        no_global.global_sha256 = None;
+        assert!(matches!(store.commit_round("r", &no_global, &ledger), Err(StoreError::Invalid(_))));
+        let mut bad_status = ok.clone();
+        bad_status.status = "running".into();
+        assert!(matches!(store.commit_round("r", &bad_status, &ledger), Err(StoreError::Invalid(_))));
+        assert!(matches!(
+            store.commit_round("r", &ok, &[ledger_row(2, "alice", "up", "round", 1)]),
+            Err(StoreError::Invalid(_))
+        ));
+        assert!(matches!(store.commit_round("nope", &ok, &ledger), Err(StoreError::NotFound(_))));
+        assert!(matches!(store.add_ledger("nope", &ledger), Err(StoreError::NotFound(_))));
+        let mut huge = ledger_row(1, "bob", "up", "round", 1);
+        huge.payload_bytes = u64::MAX;
+        assert!(store.commit_round("r", &ok, &[ledger[0].clone(), huge]).is_err());
+        assert!(store.rounds("r").unwrap().is_empty());
+        assert!(store.ledger("r").unwrap().is_empty());
+        store.commit_round("r", &ok, &ledger).unwrap();
+        assert!(store.commit_round("r", &ok, &ledger).is_err());
+        assert_eq!(store.rounds("r").unwrap(), vec![ok]);
+        assert_eq!(store.ledger("r").unwrap(), ledger.to_vec());
+        let writes: Vec<mem::StoreCall> = store.calls();
+        assert_eq!(
+            writes,
+            vec![
+                mem::StoreCall::CreateRun("r".into()),
+                mem::StoreCall::PutBlob(sha256_hex(b"g")),
+                mem::StoreCall::CommitRound { round: 1, attempt: 0, status: "completed".into(), ledger_rows: 1 },
+            ],
+            "refused writes are not logged"
+        );
     }
 
     #[test]
