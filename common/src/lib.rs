@@ -1,12 +1,21 @@
 //! fedsb-common: the library shared by the fedsb coordinator and clients. No networking lives here.
 //!
-//! Layout:
-//! - [`ops`]: the differentiable operations models are built from (swappable for faster kernels).
-//! - [`model`]: Llama and BERT models with adapter slots; loading from Hugging Face folders and GGUF.
+//! Layout, in data-path order (ARCHITECTURE.md has the full map):
+//! - [`train`]: datasets and batches, client partitions, the trainer, evaluation, greedy generation.
+//! - [`model`]: Llama-family (Llama, Mistral, Qwen2, SmolLM2, Gemma-2) and BERT models with adapter slots;
+//!   loading from Hugging Face folders and GGUF; tokenizers.
+//! - [`frozen`]: frozen base weights kept in the checkpoint's format (f32, bf16, f16, GGUF blocks).
+//! - [`ops`]: the differentiable operations models are built from; [`kernels`]: their fused CPU kernels with
+//!   their own backward; [`bf16_gemm`], [`mkl`], [`simd`]: what the kernels run on.
+//! - [`recompute`]: activation recomputation of whole blocks; [`profile`]: where a step's time goes.
 //! - [`adapter`]: LoRA-SB, LoRA and FFA-LoRA adapters; the LoRA-SB initialization; randomized SVD.
-//! - [`tensors`]: [`TensorSet`], named tensors as saved, hashed and sent.
-//! - [`assets`]: the asset folder of `scripts/fetch-assets.sh`.
-//! - [`benchstats`]: peak RSS and medians for the bench commands.
+//! - [`dp`]: DP-SGD — per-sample gradients, clipping and noise, the RDP accountant, reports and their check.
+//! - [`tensors`]: [`TensorSet`], named tensors as saved, hashed and sent; [`wire`]: a set as a blob on the wire.
+//! - [`spec`]: the run spec clients receive; [`aggregate`]: the federated methods' aggregators;
+//!   [`comm`]: the byte ledger and the per-method communication planner.
+//! - [`export`]: PEFT and merged Hugging Face folders.
+//! - [`assets`]: the asset folder of `scripts/fetch-assets.sh`; [`benchstats`]: peak RSS and medians for the
+//!   bench commands; [`error`]: the library's error type.
 pub mod adapter;
 pub mod aggregate;
 pub mod assets;

@@ -11,7 +11,7 @@
 //! <dir>/blobs/<sha256>.safetensors   adapters (init blob, each round's global), named by their content hash
 //! ```
 //!
-//! # Schema (version 1)
+//! # Schema (version 3; columns marked v2/v3 were added by those versions, older databases are migrated)
 //!
 //! ```sql
 //! CREATE TABLE schema_version (version INTEGER NOT NULL);            -- exactly one row

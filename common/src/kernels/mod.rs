@@ -6,7 +6,11 @@
 //! - `attention`: scaled dot-product attention, parallel over the batch, keeping its probabilities;
 //! - `gemm`: the kernels' GEMM (`gemm_into`: MKL's sgemm where loaded, else faer);
 //! - `linear`: frozen linear layers (`x·wᵀ + b`, the LM head) with their input gradient;
-//! - `lora_sb`: the LoRA-SB layer in one op, on the merged weight or the adapter path.
+//! - `frozen_gemm`: products with a frozen weight in any format (f32, bf16, f16, GGUF blocks), a tile at a
+//!   time, on f32 tiles or bf16 units (MKL's AMX GEMM, fedsb's AVX-512 BF16 kernel);
+//! - `lora_sb`: the LoRA-SB layer in one op, on the merged weight or the adapter path; `lora_sb_bf16` the
+//!   same beside a bf16 W0 on AMX, each direction in one parallel pass over row blocks;
+//! - `lm_head`: the LM head and the next-token cross-entropy in one op, without the whole logits.
 //!
 //! Stock candle builds these from several elementwise ops, each allocating and walking its whole output, and
 //! differentiates them through the composite graph (GELU-erf alone: 12.8 ms per (32, 64, 1536) forward here
