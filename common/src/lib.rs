@@ -26,6 +26,8 @@ pub mod recompute;
 pub mod simd;
 pub mod spec;
 pub mod tensors;
+#[cfg(test)]
+mod testing;
 pub mod train;
 pub mod wire;
 
