@@ -8,15 +8,18 @@
 #   1. with a reachable image registry: `docker pull debian:SUITE-slim` and install the two packages on it;
 #   2. without one: a minimal root filesystem made with debootstrap from the Debian package mirror, then
 #      `docker import`ed. The tarball is cached under ~/.cache/fedsb/docker/ and reused next time.
-# FEDSB_BASE_FROM=pull|debootstrap forces one way. The binaries copied into the fedsb image are built on this
-# host, so the image's glibc must be at least the host's: keep SUITE (FEDSB_DEBIAN_SUITE, default bookworm)
-# at or above the build machine's Debian release.
+# debootstrap's mirror is FEDSB_DEBIAN_MIRROR, else the first Debian mirror of this machine's apt sources
+# (/etc/apt/sources.list and sources.list.d/, see scripts/apt-mirror.sh), else http://deb.debian.org/debian;
+# the script prints which. FEDSB_BASE_FROM=pull|debootstrap forces one way. The binaries copied into the fedsb
+# image are built on this host, so the image's glibc must be at least the host's: keep SUITE
+# (FEDSB_DEBIAN_SUITE, default bookworm) at or above the build machine's Debian release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/apt-mirror.sh
+. scripts/apt-mirror.sh
 
 TAG="${FEDSB_BASE_IMAGE:-fedsb-base:bookworm}"
 SUITE="${FEDSB_DEBIAN_SUITE:-bookworm}"
-MIRROR="${FEDSB_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 FROM="${FEDSB_BASE_FROM:-auto}"
 PKGS="iproute2,python3-minimal"
 CACHE="${FEDSB_CACHE:-$HOME/.cache/fedsb}/docker"
@@ -56,6 +59,7 @@ if [ ! -s "$tarball" ]; then
     log "installing debootstrap"
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq debootstrap >/dev/null
   fi
+  MIRROR="$(debian_mirror "")"
   mkdir -p "$CACHE"
   root="$(mktemp -d "$CACHE/rootfs.XXXXXX")"
   trap '$SUDO rm -rf "$root"' EXIT

@@ -3,6 +3,10 @@
 //!
 //! Tests that need them call [`assets`]: when the assets are missing the test is skipped with a message,
 //! unless `FEDSB_REQUIRE_ASSETS=1` (CI sets it), in which case it fails.
+//!
+//! A skip is not a pass: [`skipped`] prints one `SKIPPED: <reason> (<test>)` line and appends it to the file
+//! `$FEDSB_SKIP_LOG` names, where `.ci/run` counts them (as fedsb-common's unit tests do, in its `testing`).
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Paths of the fetched assets.
@@ -45,8 +49,26 @@ pub fn assets() -> Option<Assets> {
     if std::env::var("FEDSB_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
         panic!("{msg}; FEDSB_REQUIRE_ASSETS=1 makes this a failure");
     }
-    eprintln!("SKIPPED: {msg}");
+    skipped(&msg);
     None
+}
+
+/// Records that the calling test did not run (all of) its check, for `reason`: one line to stderr and to the
+/// file `$FEDSB_SKIP_LOG` names, if set (a log that cannot be written fails the test).
+pub fn skipped(reason: &str) {
+    let thread = std::thread::current();
+    let line = match thread.name() {
+        Some(test) if test != "main" => format!("SKIPPED: {reason} ({test})"),
+        _ => format!("SKIPPED: {reason}"),
+    };
+    eprintln!("{line}");
+    if let Some(log) = std::env::var_os("FEDSB_SKIP_LOG").filter(|p| !p.is_empty()) {
+        let written =
+            std::fs::OpenOptions::new().create(true).append(true).open(&log).and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = written {
+            panic!("{line}; and FEDSB_SKIP_LOG={} could not be written: {e}", log.to_string_lossy());
+        }
+    }
 }
 
 /// Largest absolute difference between two equally shaped tensors, relative to the largest magnitude of

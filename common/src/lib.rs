@@ -35,6 +35,8 @@ pub mod recompute;
 pub mod simd;
 pub mod spec;
 pub mod tensors;
+#[cfg(test)]
+mod testing;
 pub mod train;
 pub mod wire;
 

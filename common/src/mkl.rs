@@ -369,9 +369,29 @@ mod tests {
         assert_eq!(operand(1 << 31, 1, 1, 1 << 31), None);
     }
 
+    /// The names are the values `FEDSB_GEMM` takes, one per backend, and [`describe`] begins with the name of
+    /// the backend in use: MKL's version where it loaded, why not otherwise. Where MKL must load (CI, or
+    /// scripts/fetch-assets.sh unpacked it) the backend in use is MKL.
     #[test]
-    fn backend_names() {
-        assert_eq!(GemmBackend::Faer.name(), "faer");
-        assert_eq!(GemmBackend::Mkl.name(), "mkl");
+    fn backend_names_are_distinct_and_describe_names_the_one_in_use() {
+        let all = [GemmBackend::Faer, GemmBackend::Mkl];
+        for b in all {
+            // The name is the variant's, as FEDSB_GEMM spells it.
+            assert_eq!(b.name(), format!("{b:?}").to_lowercase());
+        }
+        assert_ne!(all[0].name(), all[1].name());
+        let (used, text) = (backend(), describe());
+        assert_eq!(used == GemmBackend::Mkl, load().is_ok(), "backend() disagrees with load()");
+        assert!(text.starts_with(&format!("{} (", used.name())), "{text:?} does not name {used:?}");
+        match load() {
+            Ok(m) => {
+                assert!(!m.version().is_empty() && text.contains(m.version()), "{text:?}");
+                assert!(m.version().chars().next().is_some_and(|c| c.is_ascii_digit()), "version {:?}", m.version());
+            }
+            Err(why) => assert!(text.contains(why.as_str()), "{text:?} does not say why: {why}"),
+        }
+        if crate::testing::mkl_or_skip(false, "describe() was NOT checked with MKL loaded").is_some() {
+            assert_eq!(used, GemmBackend::Mkl);
+        }
     }
 }

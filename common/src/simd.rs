@@ -272,9 +272,41 @@ mod tests {
         }
     }
 
+    /// The dispatch takes the AVX2 copy exactly where the CPU has AVX2 and FMA, and that copy gives the scalar
+    /// loop's bits, also right after the upper state is cleared: on this thread, on every rayon worker (from
+    /// outside the pool) and from inside a worker (which clears that worker only).
     #[test]
-    fn upper_state_can_be_cleared_anywhere() {
-        clear_upper_simd_state_everywhere();
-        rayon::scope(|s| s.spawn(|_| clear_upper_simd_state_everywhere()));
+    fn dispatch_takes_avx2_where_present_and_clearing_keeps_every_result() {
+        #[cfg(target_arch = "x86_64")]
+        let best = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+        #[cfg(not(target_arch = "x86_64"))]
+        let best = false;
+        assert_eq!(has_avx2(), best, "has_avx2() disagrees with the CPU's features");
+        let x: Vec<f32> = (0..4099).map(|i| (i as f32 - 2049.0) * 0.041).collect();
+        let f = |v: f32| exp_f32(v) * 0.5 - v;
+        let want: Vec<u32> = x.iter().map(|&v| f(v).to_bits()).collect();
+        let check = |on: &str| {
+            // The dispatched map (the AVX2 copy where present) leaves the upper halves dirty; then clear them and
+            // run the baseline loop, then the dispatched map again.
+            let (mut fast, mut plain) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+            apply1(&mut fast, &x, &f);
+            clear_upper_simd_state_everywhere();
+            apply1_loop(&mut plain, &x, &f);
+            assert!(plain.iter().map(|v| v.to_bits()).eq(want.iter().copied()), "scalar loop on {on}");
+            apply1(&mut fast, &x, &f);
+            assert!(fast.iter().map(|v| v.to_bits()).eq(want.iter().copied()), "dispatched map on {on}");
+        };
+        check("the test thread");
+        rayon::broadcast(|c| check(&format!("rayon worker {}", c.index())));
+        #[cfg(target_arch = "x86_64")]
+        if best {
+            let mut out = vec![0f32; x.len()];
+            // SAFETY: the CPU has AVX2 and FMA (`best`).
+            unsafe { apply1_avx2(&mut out, &x, &f) };
+            assert!(out.iter().map(|v| v.to_bits()).eq(want.iter().copied()), "the AVX2 copy itself");
+        }
+        if !best {
+            crate::testing::skipped("this CPU lacks AVX2+FMA: only the scalar copies of the SIMD maps were tested");
+        }
     }
 }

@@ -382,12 +382,20 @@ mod tests {
     #[test]
     fn products_match_the_dequantized_weight_in_every_format_and_engine() {
         let dev = Device::Cpu;
-        let mut engines = vec![Engine::F32];
+        let (mut engines, mut untested) = (vec![Engine::F32], vec![]);
         if crate::bf16_gemm::available() {
             engines.push(Engine::Bf16Avx512);
+        } else {
+            let why = "AVX-512 BF16 (this CPU lacks it)";
+            crate::testing::fail_if_required("FEDSB_REQUIRE_AVX512BF16", why);
+            untested.push(why.to_string());
         }
-        if crate::mkl::load().as_ref().is_ok_and(|m| m.has_gemm_bf16()) {
-            engines.push(Engine::Bf16Mkl);
+        match crate::testing::mkl_or_why(true) {
+            Ok(_) => engines.push(Engine::Bf16Mkl),
+            Err(why) => untested.push(format!("MKL bf16 ({why})")),
+        }
+        if !untested.is_empty() {
+            crate::testing::skipped(&format!("frozen-product engines NOT tested: {}", untested.join("; ")));
         }
         for (rows, n, k) in [(5usize, 70usize, 256usize), (33, 17, 512), (1, 40, 768)] {
             let w0 = Tensor::from_vec(rand_vec(n * k, 1), (n, k), &dev).unwrap();

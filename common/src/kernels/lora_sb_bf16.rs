@@ -260,8 +260,7 @@ mod tests {
     /// odd sizes, with and without dx, with and without the forward's h).
     #[test]
     fn matches_the_bf16_rounded_reference() {
-        if !crate::mkl::load().as_ref().is_ok_and(|m| m.has_gemm_bf16()) {
-            eprintln!("SKIPPED lora_sb_bf16 test: MKL's bf16 GEMM is not loaded (run scripts/fetch-assets.sh)");
+        if crate::testing::mkl_or_skip(true, "the bf16 LoRA-SB products were NOT tested").is_none() {
             return;
         }
         for (samples, per, k, n, r) in [(1usize, 37usize, 70usize, 45usize, 5usize), (3, 8, 64, 96, 4)] {
