@@ -4,13 +4,13 @@
 //! Why: GEMM is two thirds of a training step, and on the x86 machines we measure MKL's sgemm is about 1.25×
 //! faer's (2-core Sapphire Rapids, MiniLM/SmolLM2 linear shapes: 290–340 against 220–265 GFLOP/s). PyTorch's
 //! CPU wheels link the same library. Nothing is linked at build time: `scripts/fetch-assets.sh` unpacks the
-//! pinned `mkl` wheel's libraries into `<assets>/mkl`, and this module `dlopen`s `libmkl_rt.so.3` from there
+//! pinned `mkl` wheel's libraries into `<assets>/mkl`, and this module loads `libmkl_rt.so.3` from there (libloading)
 //! (or from `$FEDSB_MKL_DIR`). Without them every GEMM runs on faer, with the same results to float tolerance.
 //!
 //! `FEDSB_GEMM=faer` forces faer; `FEDSB_GEMM=mkl` asks for MKL and warns when it cannot be loaded; unset (or
 //! `auto`) uses MKL where it loads. MKL runs sequentially (`MKL_Set_Threading_Layer(SEQUENTIAL)`): the callers
 //! split a GEMM over rayon's threads themselves, so MKL brings no OpenMP runtime of its own.
-use std::ffi::{CString, c_char, c_int, c_void};
+use std::ffi::{c_char, c_int, c_void};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -156,24 +156,19 @@ fn load_from(dir: &Path) -> Result<Mkl, String> {
         return Err(format!("{} not found (scripts/fetch-assets.sh unpacks it)", dir.join(missing).display()));
     }
     let path = dir.join("libmkl_rt.so.3");
-    let cpath = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
-    // SAFETY: dlopen/dlsym with valid C strings; the handle is kept for the life of the process (never closed),
-    // so the function pointers stay valid. Symbols are transmuted to their documented C signatures.
+    // SAFETY: loading MKL runs its initializers, which have no preconditions; the library is never unloaded
+    // (forgotten below), so the function pointers stay valid for the life of the process. Symbols are
+    // transmuted to their documented C signatures.
     unsafe {
-        let h = libc::dlopen(cpath.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
-        if h.is_null() {
-            let err = libc::dlerror();
-            let msg = if err.is_null() {
-                "unknown error".to_string()
-            } else {
-                std::ffi::CStr::from_ptr(err).to_string_lossy().into_owned()
-            };
-            return Err(format!("dlopen {}: {msg}", path.display()));
-        }
+        let lib = libloading::os::unix::Library::open(Some(&path), libc::RTLD_NOW | libc::RTLD_LOCAL).map_err(|e| {
+            let why = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
+            format!("dlopen {}: {why}", path.display())
+        })?;
         let sym = |name: &str| -> Result<*mut c_void, String> {
-            let c = CString::new(name).map_err(|e| e.to_string())?;
-            let p = libc::dlsym(h, c.as_ptr());
-            if p.is_null() { Err(format!("{name} not in {}", path.display())) } else { Ok(p) }
+            match lib.get::<*mut c_void>(name.as_bytes()) {
+                Ok(p) if !(*p).is_null() => Ok(*p),
+                _ => Err(format!("{name} not in {}", path.display())),
+            }
         };
         let set_layer: unsafe extern "C" fn(c_int) -> c_int = std::mem::transmute(sym("MKL_Set_Threading_Layer")?);
         let set_iface: unsafe extern "C" fn(c_int) -> c_int = std::mem::transmute(sym("MKL_Set_Interface_Layer")?);
@@ -193,6 +188,7 @@ fn load_from(dir: &Path) -> Result<Mkl, String> {
         // "Intel(R) oneAPI Math Kernel Library Version 2026.2-Product Build ..." -> "2026.2"
         let version =
             full.split("Version ").nth(1).and_then(|v| v.split(['-', ' ']).next()).unwrap_or(full.as_str()).to_string();
+        std::mem::forget(lib);
         let m = Mkl { sgemm, gemm_bf16, version };
         // A first call checks the library works: [1 2; 3 4]·I.
         let (a, b, mut c) = ([1f32, 2., 3., 4.], [1f32, 0., 0., 1.], [0f32; 4]);
