@@ -7,6 +7,7 @@
 //! - [`tensors`]: [`TensorSet`], named tensors as saved, hashed and sent.
 //! - [`assets`]: the asset folder of `scripts/fetch-assets.sh`.
 //! - [`benchstats`]: peak RSS and medians for the bench commands.
+//! - [`method`]: [`Method`], the federated LoRA method of a run, parsed once at the edges.
 pub mod adapter;
 pub mod aggregate;
 pub mod assets;
@@ -18,6 +19,7 @@ pub mod error;
 pub mod export;
 pub mod frozen;
 pub mod kernels;
+pub mod method;
 pub mod mkl;
 pub mod model;
 pub mod ops;
@@ -30,4 +32,5 @@ pub mod train;
 pub mod wire;
 
 pub use error::{Error, Result};
+pub use method::Method;
 pub use tensors::TensorSet;
