@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
+use fedsb_common::aggregate::FLoraAggregator;
 use fedsb_common::aggregate::product::{base_chain_sha256, base_deltas};
-use fedsb_common::aggregate::{FLoraAggregator, folds_base};
 use fedsb_common::dp::report::ClientPrivacy;
 use fedsb_common::dp::{DpReport, NoiseRng, train_dp};
 use fedsb_common::model::load::{model_weight_files, weights_sha256};
@@ -414,7 +414,7 @@ async fn session(a: JoinArgs) -> Result<()> {
                 let global = decode_blob(&fetch_blob(&a, &mut rpc, &global_ref).await?, &device)?;
                 let current = (global_ref.sha256.as_str(), &global);
                 fold_new_products(&a, &mut rpc, &mut model, &spec, &t.base_folds, current, &mut folded).await?;
-                if spec.method == "flora" {
+                if spec.method.restarts_adapters() {
                     // FLoRA's adapters restart from their initial values every round; the global is the head.
                     model.load_trainable(&FLoraAggregator::round_start(&init, &global))?;
                 } else {
@@ -523,7 +523,7 @@ async fn session(a: JoinArgs) -> Result<()> {
             Some(pb::get_task_reply::Reply::Finished(f)) => {
                 if let Some(g) = &f.global {
                     let global = decode_blob(&fetch_blob(&a, &mut rpc, g).await?, &device)?;
-                    if folds_base(&spec.method) {
+                    if spec.method.folds_base() {
                         // The last round's product too: the final model is W0 with every fold, plus the global.
                         let current = (g.sha256.as_str(), &global);
                         fold_new_products(&a, &mut rpc, &mut model, &spec, &f.base_folds, current, &mut folded).await?;
@@ -535,7 +535,7 @@ async fn session(a: JoinArgs) -> Result<()> {
                             folded.len()
                         );
                     }
-                    if spec.method == "flora" {
+                    if spec.method.restarts_adapters() {
                         model.load_trainable(&FLoraAggregator::round_start(&init, &global))?;
                     } else {
                         model.load_trainable(&global)?;
@@ -599,10 +599,10 @@ async fn fold_new_products(
     for f in &folds[folded.len()..] {
         let (p, g) = refs(f)?;
         let product = decode_blob(&fetch_blob(a, rpc, &p).await?, &device)?;
-        let round_global = match spec.method.as_str() {
-            "fedex-lora" if current.0 == g.sha256 => Some(current.1.clone()),
-            "fedex-lora" => Some(decode_blob(&fetch_blob(a, rpc, &g).await?, &device)?),
-            _ => None,
+        let round_global = match spec.method.folds_residual() {
+            true if current.0 == g.sha256 => Some(current.1.clone()),
+            true => Some(decode_blob(&fetch_blob(a, rpc, &g).await?, &device)?),
+            false => None,
         };
         let deltas = base_deltas(&product, round_global.as_ref(), spec.adapter.scale())
             .with_context(|| format!("round {}'s product blob", f.round))?;

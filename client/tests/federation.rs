@@ -43,7 +43,7 @@ fn base_config(model: &Path, init: &Path, state: &Path, clients: usize, rounds: 
         on_quorum_miss: QuorumMiss::Stop,
         max_retries: 0,
         seed: 7,
-        method: "fedsb".into(),
+        method: fedsb_common::Method::FedSb,
         weighting: fedsb_common::aggregate::Weighting::Uniform,
         wire_dtype: WireDtype::F32,
         max_update_bytes: None,
@@ -918,7 +918,7 @@ fn baselines_fedit_and_ffa_lora_federate_real_clients_and_match_the_planner() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     for (method, planned) in [("fedit", Method::FedIt), ("ffa-lora", Method::FfaLora)] {
         let mut cfg = base_config(&f.model, &f.init, &f.dir.join(format!("state-{method}")), 2, 2);
-        cfg.method = method.into();
+        cfg.method = method.parse().unwrap();
         let work = f.dir.join(format!("procs-{method}"));
         std::fs::create_dir_all(&work).unwrap();
         let run = rt.block_on(start(&cfg, false));
@@ -976,7 +976,7 @@ fn fedex_lora_and_flora_fold_exactly_with_real_clients_and_match_the_planner() {
     for (method, planned) in [("fedex-lora", Method::FedExLora), ("flora", Method::FLora)] {
         let state = f.dir.join(format!("state-{method}"));
         let mut cfg = base_config(&f.model, &f.init, &state, 2, 2);
-        cfg.method = method.into();
+        cfg.method = method.parse().unwrap();
         cfg.local.steps = Some(4);
         // Large enough steps that FedEx-LoRA's residual (second order in the updates) is far above the tolerance.
         cfg.local.lr = 2e-2;

@@ -11,7 +11,8 @@
 //! - [`adapter`]: LoRA-SB, LoRA and FFA-LoRA adapters; the LoRA-SB initialization; randomized SVD.
 //! - [`dp`]: DP-SGD — per-sample gradients, clipping and noise, the RDP accountant, reports and their check.
 //! - [`tensors`]: [`TensorSet`], named tensors as saved, hashed and sent; [`wire`]: a set as a blob on the wire.
-//! - [`spec`]: the run spec clients receive; [`aggregate`]: the federated methods' aggregators;
+//! - [`spec`]: the run spec clients receive; [`method`]: [`Method`], the federated LoRA method of a run,
+//!   parsed once at the edges; [`aggregate`]: the methods' aggregators;
 //!   [`comm`]: the byte ledger and the per-method communication planner.
 //! - [`export`]: PEFT and merged Hugging Face folders.
 //! - [`assets`]: the asset folder of `scripts/fetch-assets.sh`; [`benchstats`]: peak RSS and medians for the
@@ -27,6 +28,7 @@ pub mod error;
 pub mod export;
 pub mod frozen;
 pub mod kernels;
+pub mod method;
 pub mod mkl;
 pub mod model;
 pub mod ops;
@@ -41,4 +43,5 @@ pub mod train;
 pub mod wire;
 
 pub use error::{Error, Result};
+pub use method::Method;
 pub use tensors::TensorSet;

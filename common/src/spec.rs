@@ -124,8 +124,8 @@ pub struct ClientSpec {
     pub task: TaskKind,
     /// Classes of the classification head.
     pub num_labels: usize,
-    /// Aggregation method (`fedsb`).
-    pub method: String,
+    /// Aggregation method; in the run spec JSON by name (`"fedsb"`), an unknown name is refused on reading.
+    pub method: crate::Method,
     /// The adapter (LoRA-SB: its B, A and R0 come from the init blob).
     pub adapter: AdapterConfig,
     /// Local training per round.

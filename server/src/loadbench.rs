@@ -129,7 +129,7 @@ pub async fn run_coordinator_side(shape: &LoadShape, work_dir: &Path, load_exe: 
         on_quorum_miss: QuorumMiss::Stop,
         max_retries: 0,
         seed: 1,
-        method: "fedsb".into(),
+        method: fedsb_common::Method::FedSb,
         weighting: fedsb_common::aggregate::Weighting::Uniform,
         wire_dtype: shape.wire_dtype,
         max_update_bytes: None,

@@ -316,11 +316,7 @@ impl LocalFederation {
             "analytic minimum per client per direction per round: {} ({}: {} per adapted layer + the head)",
             human_bytes(coord.analytic_min_bytes()),
             coord.spec.method,
-            match coord.spec.method.as_str() {
-                "fedsb" => "r² values",
-                "ffa-lora" => "d·r values (B)",
-                _ => "r·(d+k) values (A and B)",
-            }
+            coord.spec.method.update_values()
         );
         let privacy = coord.privacy_summary()?;
         println!("privacy: {}", privacy.init);

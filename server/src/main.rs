@@ -86,7 +86,7 @@ struct PlanArgs {
     model_config: PathBuf,
     /// fedsb, fedit, ffa-lora, fedex-lora, flora, or `all` for a comparison table.
     #[arg(long, default_value = "fedsb")]
-    method: String,
+    method: PlanMethods,
     /// Rank r.
     #[arg(long)]
     rank: u64,
@@ -217,7 +217,7 @@ struct LocalArgs {
     /// with A frozen, B averaged), fedex-lora (FedIT plus the residual folded into the base weights) and flora
     /// (the stacked product merged into the base weights, adapters restarted each round).
     #[arg(long, default_value = "fedsb")]
-    method: String,
+    method: fedsb_common::Method,
     /// Adapter rank.
     #[arg(long, default_value_t = 16)]
     rank: usize,
@@ -528,7 +528,7 @@ fn local(a: LocalArgs) -> Result<()> {
         on_quorum_miss: QuorumMiss::Retry,
         max_retries: 2,
         seed: a.seed,
-        method: a.method.clone(),
+        method: a.method,
         weighting: fedsb_common::aggregate::Weighting::Uniform,
         wire_dtype: a.wire_dtype.parse()?,
         max_update_bytes: None,
@@ -739,12 +739,31 @@ fn bench_load(a: BenchLoadArgs) -> Result<()> {
     Ok(())
 }
 
+/// `plan --method`: one method, or `all` of them for the comparison table.
+#[derive(Clone, Copy, Debug)]
+enum PlanMethods {
+    /// Every method, in the paper's table order.
+    All,
+    /// This one.
+    One(fedsb_common::Method),
+}
+
+impl std::str::FromStr for PlanMethods {
+    type Err = fedsb_common::Error;
+    fn from_str(s: &str) -> fedsb_common::Result<Self> {
+        if s == "all" { Ok(PlanMethods::All) } else { s.parse().map(PlanMethods::One) }
+    }
+}
+
 fn plan(a: PlanArgs) -> Result<()> {
     use fedsb_common::comm::human_bytes;
     use fedsb_common::comm::planner::{Method, ModelShape, Plan, PlanSpec};
     let shape = ModelShape::from_file(&a.model_config)?;
     let dtype: fedsb_common::wire::WireDtype = a.dtype.parse()?;
-    let methods: Vec<Method> = if a.method == "all" { Method::ALL.to_vec() } else { vec![a.method.parse()?] };
+    let methods: Vec<Method> = match a.method {
+        PlanMethods::All => Method::ALL.to_vec(),
+        PlanMethods::One(m) => vec![m],
+    };
     let targets = a.target_modules.clone().unwrap_or_else(|| shape.default_targets());
     let plans = methods
         .iter()

@@ -676,7 +676,7 @@ mod tests {
         RoundEngine::new(
             "run",
             policy,
-            make_aggregator("fedsb", Weighting::Uniform, &TensorSet::new()).unwrap(),
+            make_aggregator(fedsb_common::Method::FedSb, Weighting::Uniform, &TensorSet::new()).unwrap(),
             false,
             global(),
             "g0".into(),
@@ -847,7 +847,7 @@ mod tests {
             let mut e = RoundEngine::new(
                 "run",
                 policy,
-                make_aggregator("fedsb", Weighting::Uniform, &TensorSet::new()).unwrap(),
+                make_aggregator(fedsb_common::Method::FedSb, Weighting::Uniform, &TensorSet::new()).unwrap(),
                 false,
                 global(),
                 "g".into(),

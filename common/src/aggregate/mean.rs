@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::{Aggregate, Aggregator, Weighting};
-use crate::{Error, Result, TensorSet};
+use crate::{Error, Method, Result, TensorSet};
 
 /// The weighted mean `Σ wᵢ·Xᵢ / Σ wᵢ` of every tensor of the global trainable set, with `wᵢ = 1` under
 /// [`Weighting::Uniform`].
@@ -13,7 +13,7 @@ use crate::{Error, Result, TensorSet};
 /// to f32 first.
 #[derive(Debug)]
 pub struct TensorMean {
-    method: &'static str,
+    method: Method,
     weighting: Weighting,
     round: Option<RoundState>,
 }
@@ -33,7 +33,7 @@ struct RoundState {
 
 impl TensorMean {
     /// A mean for `method` (its name in errors) with no open round; call [`Aggregator::begin`] first.
-    pub fn new(method: &'static str, weighting: Weighting) -> Self {
+    pub fn new(method: Method, weighting: Weighting) -> Self {
         Self { method, weighting, round: None }
     }
 
@@ -96,7 +96,7 @@ impl TensorMean {
 }
 
 impl Aggregator for TensorMean {
-    fn name(&self) -> &'static str {
+    fn method(&self) -> Method {
         self.method
     }
 
@@ -199,7 +199,7 @@ mod tests {
     }
 
     fn aggregate(weighting: Weighting, global: &TensorSet, updates: &[(TensorSet, f64)]) -> TensorSet {
-        let mut agg = TensorMean::new("fedsb", weighting);
+        let mut agg = TensorMean::new(Method::FedSb, weighting);
         agg.begin(global).unwrap();
         for (u, w) in updates {
             agg.add(u, *w).unwrap();
@@ -351,7 +351,7 @@ mod tests {
             ("inf weight", first.clone(), f64::INFINITY, &["weight", "inf"]),
         ];
         for (what, bad, w, needles) in cases {
-            let mut agg = TensorMean::new("fedsb", Weighting::NumExamples);
+            let mut agg = TensorMean::new(Method::FedSb, Weighting::NumExamples);
             agg.begin(&global).unwrap();
             agg.add(&first, 2.0).unwrap();
             let msg = agg.validate(&bad, w).unwrap_err().to_string();
@@ -371,7 +371,7 @@ mod tests {
     fn uniform_still_validates_the_weight() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         let global = random_set(&mut rng);
-        let mut agg = TensorMean::new("fedsb", Weighting::Uniform);
+        let mut agg = TensorMean::new(Method::FedSb, Weighting::Uniform);
         agg.begin(&global).unwrap();
         assert!(agg.add(&random_set(&mut rng), 0.0).is_err());
         assert_eq!(agg.count(), 0);
@@ -381,7 +381,7 @@ mod tests {
     fn finish_without_updates_is_an_error_and_keeps_the_round_open() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(6);
         let global = random_set(&mut rng);
-        let mut agg = TensorMean::new("fedsb", Weighting::Uniform);
+        let mut agg = TensorMean::new(Method::FedSb, Weighting::Uniform);
         assert!(agg.finish_mean().is_err(), "no round begun");
         assert!(agg.add(&global, 1.0).unwrap_err().to_string().contains("begin"));
         agg.begin(&global).unwrap();
@@ -401,7 +401,7 @@ mod tests {
     fn begin_resets() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let global = random_set(&mut rng);
-        let mut agg = TensorMean::new("fedsb", Weighting::NumExamples);
+        let mut agg = TensorMean::new(Method::FedSb, Weighting::NumExamples);
         agg.begin(&global).unwrap();
         agg.add(&random_set(&mut rng), 3.0).unwrap();
         agg.add(&random_set(&mut rng), 4.0).unwrap();

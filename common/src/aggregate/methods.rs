@@ -6,11 +6,11 @@
 use super::mean::TensorMean;
 use super::product::ProductMean;
 use super::{Aggregate, Aggregator, Weighting};
-use crate::{Error, Result, TensorSet};
+use crate::{Error, Method, Result, TensorSet};
 
 /// Checks that the global trainable set holds only the adapter tensors `allowed` (name suffixes) and head
 /// tensors, with at least one adapter tensor.
-fn check_layout(method: &str, global: &TensorSet, allowed: &[&str]) -> Result<()> {
+fn check_layout(method: Method, global: &TensorSet, allowed: &[&str]) -> Result<()> {
     let mut adapters = 0;
     for name in global.names() {
         let is_adapter = name.contains(".lora_");
@@ -55,16 +55,16 @@ pub struct FedSbAggregator(TensorMean);
 impl FedSbAggregator {
     /// An aggregator with no open round.
     pub fn new(weighting: Weighting) -> Self {
-        Self(TensorMean::new("fedsb", weighting))
+        Self(TensorMean::new(Method::FedSb, weighting))
     }
 }
 
 impl Aggregator for FedSbAggregator {
-    fn name(&self) -> &'static str {
-        "fedsb"
+    fn method(&self) -> Method {
+        Method::FedSb
     }
     fn begin(&mut self, global: &TensorSet) -> Result<()> {
-        check_layout("fedsb", global, &[".lora_R.weight"])?;
+        check_layout(Method::FedSb, global, &[".lora_R.weight"])?;
         self.0.begin(global)
     }
     delegate_to_mean!();
@@ -80,16 +80,16 @@ pub struct FedItAggregator(TensorMean);
 impl FedItAggregator {
     /// An aggregator with no open round.
     pub fn new(weighting: Weighting) -> Self {
-        Self(TensorMean::new("fedit", weighting))
+        Self(TensorMean::new(Method::FedIt, weighting))
     }
 }
 
 impl Aggregator for FedItAggregator {
-    fn name(&self) -> &'static str {
-        "fedit"
+    fn method(&self) -> Method {
+        Method::FedIt
     }
     fn begin(&mut self, global: &TensorSet) -> Result<()> {
-        check_layout("fedit", global, &[".lora_A.weight", ".lora_B.weight"])?;
+        check_layout(Method::FedIt, global, &[".lora_A.weight", ".lora_B.weight"])?;
         self.0.begin(global)
     }
     delegate_to_mean!();
@@ -105,16 +105,16 @@ pub struct FfaLoraAggregator(TensorMean);
 impl FfaLoraAggregator {
     /// An aggregator with no open round.
     pub fn new(weighting: Weighting) -> Self {
-        Self(TensorMean::new("ffa-lora", weighting))
+        Self(TensorMean::new(Method::FfaLora, weighting))
     }
 }
 
 impl Aggregator for FfaLoraAggregator {
-    fn name(&self) -> &'static str {
-        "ffa-lora"
+    fn method(&self) -> Method {
+        Method::FfaLora
     }
     fn begin(&mut self, global: &TensorSet) -> Result<()> {
-        check_layout("ffa-lora", global, &[".lora_B.weight"])?;
+        check_layout(Method::FfaLora, global, &[".lora_B.weight"])?;
         self.0.begin(global)
     }
     delegate_to_mean!();
@@ -131,7 +131,7 @@ pub struct FedExLoraAggregator(MeanAndProduct);
 impl FedExLoraAggregator {
     /// An aggregator with no open round.
     pub fn new(weighting: Weighting) -> Self {
-        Self(MeanAndProduct::new("fedex-lora", weighting))
+        Self(MeanAndProduct::new(Method::FedExLora, weighting))
     }
 }
 
@@ -144,7 +144,7 @@ struct MeanAndProduct {
 }
 
 impl MeanAndProduct {
-    fn new(method: &'static str, weighting: Weighting) -> Self {
+    fn new(method: Method, weighting: Weighting) -> Self {
         Self { mean: TensorMean::new(method, weighting), product: None }
     }
     /// Starts a round whose updates look like `layout`.
@@ -195,11 +195,11 @@ impl FedExLoraAggregator {
 }
 
 impl Aggregator for FedExLoraAggregator {
-    fn name(&self) -> &'static str {
-        "fedex-lora"
+    fn method(&self) -> Method {
+        Method::FedExLora
     }
     fn begin(&mut self, global: &TensorSet) -> Result<()> {
-        check_layout("fedex-lora", global, &[".lora_A.weight", ".lora_B.weight"])?;
+        check_layout(Method::FedExLora, global, &[".lora_A.weight", ".lora_B.weight"])?;
         self.0.begin(global)
     }
     delegate_to_mean_and_product!();
@@ -242,7 +242,7 @@ impl FLoraAggregator {
             }
         }
         ProductMean::new(&restart)?;
-        Ok(Self { state: MeanAndProduct::new("flora", weighting), restart })
+        Ok(Self { state: MeanAndProduct::new(Method::FLora, weighting), restart })
     }
 
     /// What clients train from in a round whose served global is `global` (the head): the restart adapter plus
@@ -264,8 +264,8 @@ impl FLoraAggregator {
 }
 
 impl Aggregator for FLoraAggregator {
-    fn name(&self) -> &'static str {
-        "flora"
+    fn method(&self) -> Method {
+        Method::FLora
     }
     fn begin(&mut self, global: &TensorSet) -> Result<()> {
         if let Some(n) = global.names().find(|n| n.contains(".lora_")) {

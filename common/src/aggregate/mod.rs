@@ -20,15 +20,7 @@ pub use methods::{
     FLoraAggregator, FedExLoraAggregator, FedItAggregator, FedSbAggregator, FfaLoraAggregator, lora_factors,
 };
 
-use crate::{Error, Result, TensorSet};
-
-/// The method names [`make_aggregator`] knows.
-pub const METHODS: &[&str] = &["fedsb", "fedit", "ffa-lora", "fedex-lora", "flora"];
-
-/// Whether `method` folds a product into the clients' base weights each round (FedEx-LoRA, FLoRA).
-pub fn folds_base(method: &str) -> bool {
-    matches!(method, "fedex-lora" | "flora")
-}
+use crate::{Method, Result, TensorSet};
 
 /// What a round's aggregation produces.
 #[derive(Debug)]
@@ -43,8 +35,8 @@ pub struct Aggregate {
 
 /// One aggregation method (Fed-SB, FedIT, FFA-LoRA, FedEx-LoRA, FLoRA).
 pub trait Aggregator: Send {
-    /// Method name as used in configs ("fedsb").
-    fn name(&self) -> &'static str;
+    /// The method aggregated.
+    fn method(&self) -> Method;
     /// Starts a round whose global trainable tensors are `global` (names, shapes define what updates must
     /// look like). Discards any state of a previous, unfinished round.
     fn begin(&mut self, global: &TensorSet) -> Result<()>;
@@ -72,20 +64,16 @@ pub enum Weighting {
     NumExamples,
 }
 
-/// The aggregator for `method` (one of [`METHODS`]), or [`Error::Config`] listing the known methods.
-/// `restart` is the run's initial adapter (the init blob's `lora_A`/`lora_B`): FLoRA's clients restart from it
+/// The aggregator for `method`. `restart` is the run's initial adapter (the init blob's `lora_A`/`lora_B`): FLoRA's clients restart from it
 /// every round; the other methods ignore it.
-pub fn make_aggregator(method: &str, weighting: Weighting, restart: &TensorSet) -> Result<Box<dyn Aggregator>> {
-    match method {
-        "fedsb" => Ok(Box::new(FedSbAggregator::new(weighting))),
-        "fedit" => Ok(Box::new(FedItAggregator::new(weighting))),
-        "ffa-lora" => Ok(Box::new(FfaLoraAggregator::new(weighting))),
-        "fedex-lora" => Ok(Box::new(FedExLoraAggregator::new(weighting))),
-        "flora" => Ok(Box::new(FLoraAggregator::new(weighting, restart)?)),
-        other => {
-            Err(Error::Config(format!("unknown aggregation method `{other}`; known methods: {}", METHODS.join(", "))))
-        }
-    }
+pub fn make_aggregator(method: Method, weighting: Weighting, restart: &TensorSet) -> Result<Box<dyn Aggregator>> {
+    Ok(match method {
+        Method::FedSb => Box::new(FedSbAggregator::new(weighting)),
+        Method::FedIt => Box::new(FedItAggregator::new(weighting)),
+        Method::FfaLora => Box::new(FfaLoraAggregator::new(weighting)),
+        Method::FedExLora => Box::new(FedExLoraAggregator::new(weighting)),
+        Method::FLora => Box::new(FLoraAggregator::new(weighting, restart)?),
+    })
 }
 
 #[cfg(test)]
@@ -93,19 +81,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn make_aggregator_knows_the_methods_it_lists() {
+    fn make_aggregator_knows_every_method() {
         let mut restart = TensorSet::new();
         let dev = candle_core::Device::Cpu;
         restart.insert("m.lora_A.weight", candle_core::Tensor::zeros((2, 3), candle_core::DType::F32, &dev).unwrap());
         restart.insert("m.lora_B.weight", candle_core::Tensor::zeros((4, 2), candle_core::DType::F32, &dev).unwrap());
-        for m in METHODS {
+        for m in Method::ALL {
             let a = make_aggregator(m, Weighting::Uniform, &restart).unwrap();
-            assert_eq!(a.name(), *m);
+            assert_eq!(a.method(), m);
             assert_eq!(a.count(), 0);
-            assert_eq!(folds_base(m), matches!(*m, "fedex-lora" | "flora"));
+            assert_eq!(m.folds_base(), matches!(m.name(), "fedex-lora" | "flora"));
         }
-        assert!(make_aggregator("flora", Weighting::Uniform, &TensorSet::new()).is_err(), "no adapter to restart");
-        let msg = make_aggregator("fedavg", Weighting::Uniform, &restart).err().unwrap().to_string();
+        assert!(
+            make_aggregator(Method::FLora, Weighting::Uniform, &TensorSet::new()).is_err(),
+            "no adapter to restart"
+        );
+        // An unknown name is refused where it is parsed, before an aggregator is asked for.
+        let msg = "fedavg".parse::<Method>().unwrap_err().to_string();
         assert!(msg.contains("fedavg") && msg.contains("fedsb"), "{msg}");
     }
 

@@ -24,51 +24,8 @@ use serde_json::Value;
 
 use crate::{Error, Result};
 
-/// A federated LoRA method the planner knows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub enum Method {
-    /// Fed-SB: only R (r×r) travels.
-    #[serde(rename = "fedsb")]
-    FedSb,
-    /// FedIT: A and B averaged separately.
-    #[serde(rename = "fedit")]
-    FedIt,
-    /// FFA-LoRA: A frozen, B averaged.
-    #[serde(rename = "ffa-lora")]
-    FfaLora,
-    /// FedEx-LoRA: FedIT plus the residual folded into the base weights.
-    #[serde(rename = "fedex-lora")]
-    FedExLora,
-    /// FLoRA: stacked factors merged into the base weights.
-    #[serde(rename = "flora")]
-    FLora,
-}
-
-impl Method {
-    /// Every method, in the paper's table order.
-    pub const ALL: [Method; 5] = [Method::FedIt, Method::FfaLora, Method::FedExLora, Method::FLora, Method::FedSb];
-
-    /// The name on the command line and in configs.
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::FedSb => "fedsb",
-            Method::FedIt => "fedit",
-            Method::FfaLora => "ffa-lora",
-            Method::FedExLora => "fedex-lora",
-            Method::FLora => "flora",
-        }
-    }
-}
-
-impl std::str::FromStr for Method {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Method::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| Error::Config(format!("unknown method `{s}` (fedsb, fedit, ffa-lora, fedex-lora, flora)")))
-    }
-}
+/// A federated LoRA method (its home is [`crate::method`]).
+pub use crate::method::Method;
 
 /// One adapted matrix kind of a layer: its module name and shape (out × in).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

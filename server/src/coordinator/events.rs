@@ -179,7 +179,7 @@ impl Coordinator {
             Some(ev) => {
                 let mut ev = lock(ev);
                 if let Some(p) = &c.product {
-                    let fedex = self.spec.method == "fedex-lora";
+                    let fedex = self.spec.method.folds_residual();
                     let deltas = base_deltas(p, fedex.then_some(&c.global), self.spec.adapter.scale())?;
                     ev.model.fold_into_base(&deltas)?;
                 }

@@ -206,7 +206,11 @@ impl Coordinator {
     /// The trainable tensors a client starts a round from, given the served global (FLoRA adds the restart
     /// adapter; the other methods serve the whole set).
     fn round_start(&self, global: &TensorSet) -> TensorSet {
-        if self.spec.method == "flora" { FLoraAggregator::round_start(&self.restart, global) } else { global.clone() }
+        if self.spec.method.restarts_adapters() {
+            FLoraAggregator::round_start(&self.restart, global)
+        } else {
+            global.clone()
+        }
     }
 
     /// The analytic minimum bytes per client per direction of one round.

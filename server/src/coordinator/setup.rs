@@ -13,7 +13,7 @@ use fedsb_common::TensorSet;
 use fedsb_common::adapter::init::{InitConfig, lora_sb_init};
 use fedsb_common::adapter::{AdapterConfig, AdapterKind};
 use fedsb_common::aggregate::product::base_deltas;
-use fedsb_common::aggregate::{Weighting, folds_base, lora_factors, make_aggregator};
+use fedsb_common::aggregate::{Weighting, lora_factors, make_aggregator};
 use fedsb_common::model::{LoadOptions, Model, TaskKind, load_model};
 use fedsb_common::spec::ClientSpec;
 use fedsb_common::train::eval::evaluate;
@@ -31,20 +31,6 @@ use crate::store::{RoundRecord, RunRecord, RunStore, Store};
 /// The metrics file of a run, in its state folder: one JSON line per closed round attempt.
 const METRICS_FILE: &str = "metrics.jsonl";
 
-/// The adapter each method trains: LoRA-SB for Fed-SB, LoRA for FedIT, FedEx-LoRA and FLoRA, FFA-LoRA (A
-/// frozen) for FFA-LoRA.
-fn adapter_kind(method: &str) -> Result<AdapterKind> {
-    Ok(match method {
-        "fedsb" => AdapterKind::LoraSb,
-        "fedit" | "fedex-lora" | "flora" => AdapterKind::Lora,
-        "ffa-lora" => AdapterKind::FfaLora,
-        o => bail!(
-            "method `{o}` is not supported by the coordinator yet (supported: {})",
-            fedsb_common::aggregate::METHODS.join(", ")
-        ),
-    })
-}
-
 /// The adapter of a run: the method's kind, `[adapter]`'s rank, targets (default: the task's usual modules)
 /// and alpha (default: the rank), the run's seed.
 fn adapter_config(cfg: &RunConfig, task: TaskKind) -> Result<AdapterConfig> {
@@ -52,7 +38,7 @@ fn adapter_config(cfg: &RunConfig, task: TaskKind) -> Result<AdapterConfig> {
         TaskKind::CausalLm => &["q", "k", "v", "o", "gate", "up", "down"],
         TaskKind::Classification => &["query", "value", "attention.output.dense", "output.dense"],
     };
-    let mut a = AdapterConfig::new(adapter_kind(&cfg.method)?, cfg.adapter.rank, default);
+    let mut a = AdapterConfig::new(cfg.method.adapter_kind(), cfg.adapter.rank, default);
     if let Some(t) = &cfg.adapter.targets {
         a.targets = t.clone();
     }
@@ -197,7 +183,7 @@ impl Coordinator {
                 base_model_sha256: base_sha.clone(),
                 task,
                 num_labels: cfg.model.num_labels,
-                method: cfg.method.clone(),
+                method: cfg.method,
                 adapter: adapter.clone(),
                 local: cfg.local.clone(),
                 wire_dtype: cfg.wire_dtype,
@@ -214,7 +200,7 @@ impl Coordinator {
         // the head: its adapters restart from the init blob every round.
         let trainable = model.trainable_tensors()?;
         let update_values = trainable.num_values();
-        let global0: TensorSet = if spec.method == "flora" {
+        let global0: TensorSet = if spec.method.restarts_adapters() {
             trainable.iter().filter(|(n, _)| !n.contains(".lora_")).map(|(n, t)| (n.clone(), t.clone())).collect()
         } else {
             trainable
@@ -293,7 +279,7 @@ impl Coordinator {
             base_model_sha256: "synthetic".into(),
             task: TaskKind::CausalLm,
             num_labels: 0,
-            method: cfg.method.clone(),
+            method: cfg.method,
             adapter,
             local: cfg.local.clone(),
             wire_dtype: cfg.wire_dtype,
@@ -337,7 +323,7 @@ impl Coordinator {
             max_retries: cfg.max_retries,
             seed: cfg.seed,
         };
-        let aggregator = make_aggregator(&spec.method, cfg.weighting, &init)?;
+        let aggregator = make_aggregator(spec.method, cfg.weighting, &init)?;
         let restart = lora_factors(&init);
         let mut engine = RoundEngine::new(
             run.run_id.clone(),
@@ -366,7 +352,7 @@ impl Coordinator {
         // On resume, the folds of the committed rounds: served again (a restarted client folds them all) and
         // replayed on the evaluator's model.
         let mut folds = Vec::new();
-        if folds_base(&spec.method) {
+        if spec.method.folds_base() {
             let mut done: Vec<RoundRecord> =
                 store.rounds(&run.run_id)?.into_iter().filter(|r| r.status == "completed").collect();
             done.sort_by_key(|r| r.round);
@@ -379,7 +365,7 @@ impl Coordinator {
                     (fedsb_common::wire::decode_blob(&pb, &dev)?, fedsb_common::wire::decode_blob(&gb, &dev)?);
                 if let Some(ev) = &evaluator {
                     let mut ev = lock(ev);
-                    let fedex = spec.method == "fedex-lora";
+                    let fedex = spec.method.folds_residual();
                     ev.model.fold_into_base(&base_deltas(
                         &product,
                         fedex.then_some(&round_global),

@@ -4,6 +4,7 @@
 //! spec and the [`RunResult`]s; [`super::write_reports`] writes them.
 use std::fmt::Write as _;
 
+use fedsb_common::Method;
 use fedsb_common::comm::human_bytes;
 
 use super::chart::{self, Chart, PALETTE, Scale, Series};
@@ -100,7 +101,8 @@ pub fn results_markdown(spec: &SweepSpec, results: &[RunResult]) -> String {
             _ => "–".into(),
         };
         let f = |g: &dyn Fn(&RunResult) -> Option<f64>| mean(&with.iter().filter_map(|r| g(r)).collect::<Vec<_>>());
-        let method = if key.3 == "non-private" && !has_dp { key.0.clone() } else { format!("{} ({})", key.0, key.3) };
+        let method =
+            if key.3 == "non-private" && !has_dp { key.0.to_string() } else { format!("{} ({})", key.0, key.3) };
         let _ = writeln!(
             o,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -145,9 +147,9 @@ fn privacy_table(spec: &SweepSpec, results: &[RunResult]) -> String {
     o.push_str("\n|---|---:|---|");
     o.push_str(&"---:|".repeat(cols.len()));
     o.push('\n');
-    let mut rows: Vec<(String, usize, SplitKind)> = Vec::new();
+    let mut rows: Vec<(Method, usize, SplitKind)> = Vec::new();
     for r in results {
-        let k = (r.run.method.clone(), r.run.rank, r.run.split);
+        let k = (r.run.method, r.run.rank, r.run.split);
         if !rows.contains(&k) {
             rows.push(k);
         }
@@ -174,13 +176,13 @@ fn privacy_table(spec: &SweepSpec, results: &[RunResult]) -> String {
 }
 
 /// A run's configuration without its seed: (method, rank, split, privacy label).
-type ConfigKey = (String, usize, SplitKind, String);
+type ConfigKey = (Method, usize, SplitKind, String);
 
 /// Results grouped by (method, rank, split, privacy), in run order.
 fn configurations(results: &[RunResult]) -> Vec<(ConfigKey, Vec<&RunResult>)> {
     let mut groups: Vec<(ConfigKey, Vec<&RunResult>)> = Vec::new();
     for r in results {
-        let key = (r.run.method.clone(), r.run.rank, r.run.split, r.run.privacy_label());
+        let key = (r.run.method, r.run.rank, r.run.split, r.run.privacy_label());
         match groups.iter_mut().find(|(k, _)| *k == key) {
             Some((_, g)) => g.push(r),
             None => groups.push((key, vec![r])),
@@ -192,10 +194,10 @@ fn configurations(results: &[RunResult]) -> Vec<(ConfigKey, Vec<&RunResult>)> {
 /// The accuracy chart of the runs with results: against the round (`by_bytes` false) or against cumulative
 /// payload bytes on a log scale. One line per run; a colour per (method, rank), dashed for non-IID.
 pub fn accuracy_chart(spec: &SweepSpec, results: &[RunResult], by_bytes: bool) -> Chart {
-    let mut configs: Vec<(&str, usize)> = Vec::new();
+    let mut configs: Vec<(Method, usize)> = Vec::new();
     let mut series = Vec::new();
     for r in results {
-        let key = (r.run.method.as_str(), r.run.rank);
+        let key = (r.run.method, r.run.rank);
         let idx = configs.iter().position(|k| *k == key).unwrap_or_else(|| {
             configs.push(key);
             configs.len() - 1

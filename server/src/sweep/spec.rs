@@ -228,7 +228,7 @@ pub struct SweepSpec {
     /// Rounds of every run.
     pub rounds: u64,
     /// Methods, in the order given.
-    pub methods: Vec<String>,
+    pub methods: Vec<Method>,
     /// Default ranks.
     pub ranks: Vec<usize>,
     /// Seeds.
@@ -242,7 +242,7 @@ pub struct SweepSpec {
     /// `[local]`: flags for every run.
     pub local: LocalOptions,
     /// `[method.NAME]` sections.
-    pub overrides: BTreeMap<String, MethodOverride>,
+    pub overrides: BTreeMap<Method, MethodOverride>,
 }
 
 /// Default clients, rounds, rank, seed and Dirichlet α: those of `fedsb-server local`.
@@ -304,9 +304,11 @@ impl SweepSpec {
             return Err(invalid("`rounds` must be positive"));
         }
         check_list("methods", &f.methods)?;
-        for m in &f.methods {
-            m.parse::<Method>().map_err(|e| invalid(format!("`methods`: {e}")))?;
-        }
+        let methods = f
+            .methods
+            .iter()
+            .map(|m| m.parse::<Method>().map_err(|e| invalid(format!("`methods`: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
         let ranks = f.ranks.unwrap_or_else(|| vec![DEFAULT_RANK]);
         check_ranks("ranks", &ranks)?;
         let seeds = f.seeds.unwrap_or_else(|| vec![DEFAULT_SEED]);
@@ -344,9 +346,11 @@ impl SweepSpec {
         let mut overrides = BTreeMap::new();
         for (m, mut table) in f.method {
             let section = format!("method.{m}");
-            if !f.methods.contains(&m) {
+            let Some(&method) =
+                f.methods.iter().zip(&methods).find_map(|(name, method)| (*name == m).then_some(method))
+            else {
                 return Err(invalid(format!("[{section}]: `{m}` is not in `methods` ({})", f.methods.join(", "))));
-            }
+            };
             let ranks = match table.remove("ranks") {
                 Some(v) => {
                     let r: Vec<usize> =
@@ -361,13 +365,13 @@ impl SweepSpec {
                 .map_err(|e| invalid(format!("[{section}]: {} (ranks or a [local] key)", one_line(&e))))?;
             opts.validate(&section, clients)?;
             opts.resolve_paths(base);
-            overrides.insert(m, MethodOverride { ranks, local: opts });
+            overrides.insert(method, MethodOverride { ranks, local: opts });
         }
         Ok(SweepSpec {
             name,
             clients,
             rounds,
-            methods: f.methods,
+            methods,
             ranks,
             seeds,
             splits,
@@ -384,8 +388,8 @@ impl SweepSpec {
         let mut out = Vec::new();
         for &seed in &self.seeds {
             for &split in &self.splits {
-                for m in &self.methods {
-                    let ov = self.overrides.get(m);
+                for &m in &self.methods {
+                    let ov = self.overrides.get(&m);
                     let ranks = ov.and_then(|o| o.ranks.clone()).unwrap_or_else(|| self.ranks.clone());
                     let local = ov.map_or_else(|| self.local.clone(), |o| o.local.over(&self.local));
                     for &rank in &ranks {
@@ -393,7 +397,7 @@ impl SweepSpec {
                             let eps = dp_epsilon.map_or(String::new(), |e| format!("-eps{e}"));
                             out.push(PlannedRun {
                                 name: format!("{m}-r{rank}{eps}-{}-s{seed}", split.name()),
-                                method: m.clone(),
+                                method: m,
                                 rank,
                                 split,
                                 seed,
@@ -423,7 +427,7 @@ pub struct PlannedRun {
     /// `METHOD-rRANK-SPLIT-sSEED`, e.g. `fedsb-r16-iid-s42`: its folder and log under `OUT/runs/`.
     pub name: String,
     /// The method.
-    pub method: String,
+    pub method: Method,
     /// The adapter rank.
     pub rank: usize,
     /// The split.
@@ -449,7 +453,7 @@ impl PlannedRun {
         let mut a: Vec<String> = [
             ("--clients", self.clients.to_string()),
             ("--rounds", self.rounds.to_string()),
-            ("--method", self.method.clone()),
+            ("--method", self.method.to_string()),
             ("--rank", self.rank.to_string()),
             ("--split", self.split.name().to_string()),
         ]
