@@ -127,7 +127,13 @@ pub(super) fn forward(
             ops.a.len()
         );
     }
+    if n == 0 || k == 0 || r == 0 {
+        candle_core::bail!("LoRA-SB bf16: an empty dimension ({rows}×{k}→{n}, rank {r})");
+    }
     let mut h = buffer_for_overwrite(rows * r);
+    if rows == 0 {
+        return Ok(h);
+    }
     let mb = d.block(threads);
     out.par_chunks_mut(mb * n).zip(h.par_chunks_mut(mb * r)).enumerate().for_each_init(
         Scratch::default,
@@ -176,6 +182,13 @@ pub(super) fn backward(
             dr.len()
         );
     }
+    if n == 0 || k == 0 || r == 0 {
+        candle_core::bail!("LoRA-SB bf16 grad: an empty dimension ({rows}×{k}→{n}, rank {r})");
+    }
+    if rows == 0 {
+        dr.fill(0.0);
+        return Ok(());
+    }
     let have_h = h.as_ref().is_some_and(|h| h.len() == rows * r);
     let mut h = h.filter(|_| have_h).unwrap_or_else(|| buffer_for_overwrite(rows * r));
     let mut gb = buffer_for_overwrite(rows * r);
@@ -190,8 +203,9 @@ pub(super) fn backward(
             s.t16.resize(m * r, 0);
             let dyb = &mut s.rows16[..m * n];
             crate::bf16_gemm::f32_to_bf16(&dy[i0 * n..(i0 + m) * n], dyb);
-            // SAFETY (all): this block's rows of dy (bf16), dx, gB and h; W0 n×k, A r×k, B n×r, row-major.
-            let dx_rows = unsafe { dxp.get().add(i0 * k) };
+            // SAFETY (all): this block's rows of dy (bf16), dx (where there is one), gB and h; W0 n×k, A r×k,
+            // B n×r, row-major.
+            let dx_rows = if need_dx { unsafe { dxp.get().add(i0 * k) } } else { std::ptr::null_mut() };
             unsafe {
                 if need_dx {
                     mkl(mkl_lib, (m, k, n), dyb.as_ptr(), n, ops.w0, (k, false), dx_rows, false);
