@@ -349,32 +349,14 @@ unsafe fn mkl_bf16_nn(
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::{matmul_f64, rand_vec, round_bf16};
     use super::*;
     use crate::frozen::{QuantKind, WeightFormat};
     use candle_core::{Device, Tensor};
-    use rand::{Rng, SeedableRng};
 
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-    }
-
-    fn reference(a: &[f32], (m, k): (usize, usize), b: &[f32], n: usize, bt: bool) -> Vec<f32> {
-        // a m×k · (bt ? bᵀ where b is n×k : b k×n)
-        let mut c = vec![0f64; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                for p in 0..k {
-                    let bv = if bt { b[j * k + p] } else { b[p * n + j] };
-                    c[i * n + j] += a[i * k + p] as f64 * bv as f64;
-                }
-            }
-        }
-        c.into_iter().map(|v| v as f32).collect()
-    }
-
-    fn round_bf16(v: &[f32]) -> Vec<f32> {
-        v.iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect()
+    /// `a (m×k) · (bt ? bᵀ where b is n×k : b k×n)` in f64, rounded to f32.
+    fn reference(a: &[f32], mk: (usize, usize), b: &[f32], n: usize, bt: bool) -> Vec<f32> {
+        matmul_f64(a, mk, b, n, bt).into_iter().map(|v| v as f32).collect()
     }
 
     /// Every format and engine against an f64 product of the dequantized weight (and, for bf16 engines, of

@@ -240,34 +240,11 @@ pub(super) fn backward(
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::{matmul_f64 as mm, rand_vec, round_bf16 as bf};
     use super::*;
-    use rand::{Rng, SeedableRng};
-
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-    }
-
-    fn bf(v: &[f32]) -> Vec<f32> {
-        v.iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect()
-    }
 
     fn bits(v: &[f32]) -> Vec<u16> {
         v.iter().map(|x| half::bf16::from_f32(*x).to_bits()).collect()
-    }
-
-    /// `a (m×k) · b (k×n)` in f64, `b_t`: b given `n×k`.
-    fn mm(a: &[f32], (m, k): (usize, usize), b: &[f32], n: usize, b_t: bool) -> Vec<f64> {
-        let mut c = vec![0f64; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                for p in 0..k {
-                    let bv = if b_t { b[j * k + p] } else { b[p * n + j] };
-                    c[i * n + j] += a[i * k + p] as f64 * bv as f64;
-                }
-            }
-        }
-        c
     }
 
     /// Forward and backward against an f64 reference on the bf16-rounded operands (shared and per-sample R,

@@ -199,6 +199,31 @@ mod test_util {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
+    /// `n` uniform values in [-1, 1), seeded.
+    pub(super) fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    /// Each value rounded to bf16 and back.
+    pub(super) fn round_bf16(v: &[f32]) -> Vec<f32> {
+        v.iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect()
+    }
+
+    /// `a (m×k) · b` in f64, `b` given `k×n`, or `n×k` (read transposed) with `b_t`.
+    pub(super) fn matmul_f64(a: &[f32], (m, k): (usize, usize), b: &[f32], n: usize, b_t: bool) -> Vec<f64> {
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                for p in 0..k {
+                    let bv = if b_t { b[j * k + p] } else { b[p * n + j] };
+                    c[i * n + j] += a[i * k + p] as f64 * bv as f64;
+                }
+            }
+        }
+        c
+    }
+
     pub(super) fn maxdiff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }
